@@ -1,0 +1,29 @@
+# One virtual environment for everything; `make test` and `make demo` create it on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+YAIE   := $(VENV)/bin/yaie
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo bench-core build-kernels lint
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first (on disk on our machines), so nothing pulls a CUDA wheel.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
+
+demo: setup
+	$(YAIE) generate "What is the capital of France?"
+
+bench-core: setup
+	$(YAIE) bench core

@@ -1,0 +1,1 @@
+"""Terminal chat and dashboard front ends (installed as yaie.ui)."""

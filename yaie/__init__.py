@@ -1,0 +1,3 @@
+"""YAIE — Yet Another Inference Engine."""
+
+__version__ = "0.1.0"
