@@ -1,9 +1,10 @@
 """A deterministic stand-in for a model that really reads the paged KV cache.
 
-Each token's "K/V" is a rolling hash of the whole context up to it, written into its slot; a
-step reads the hash of the previous position *through the block table* and the next token is a
-function of it. So the output is a pure function of the context — and any block shared, freed or
-overwritten by mistake changes the text. Tests use it to prove the core exact; ``yaie bench
+Each token's "K/V" is a rolling hash of the whole context up to it, written into its slot. A step
+reads the hash of the previous position *through the block table*, and the sampled token mixes
+in the hash stored at one more, pseudo-randomly chosen earlier position — so, like attention, it
+looks back over the whole context. The output is a pure function of the context, and any block
+shared, freed or overwritten by mistake, early or late in the sequence, changes the text. Tests use it to prove the core exact; ``yaie bench
 core`` uses it because it costs almost nothing, leaving the engine's own overhead to measure.
 """
 
@@ -40,5 +41,8 @@ class HashExecutor:
                 h = ((h * 0x100000001B3) ^ (tokens[t] * 31 + positions[t] + 1)) & _MASK
                 slots[slot_mapping[t]] = h
             if sreq.samples:
-                sampled.append((h >> 17) % self.vocab_size)
+                table = batch.block_tables[i]
+                q = (h >> 5) % sreq.seq_len  # a position in the context, chosen by the context
+                probe = slots[table[q // bs] * bs + q % bs]
+                sampled.append(((h ^ probe) >> 17) % self.vocab_size)
         return StepResult(sampled)
