@@ -44,5 +44,5 @@ class HashExecutor:
                 table = batch.block_tables[i]
                 q = (h >> 5) % sreq.seq_len  # a position in the context, chosen by the context
                 probe = slots[table[q // bs] * bs + q % bs]
-                sampled.append(((h ^ probe) >> 17) % self.vocab_size)
+                sampled.append((((h * 0x9E3779B1 + probe) & _MASK) >> 17) % self.vocab_size)
         return StepResult(sampled)
