@@ -1,0 +1,36 @@
+"""YAIE's compute ops: one module per op, each with a torch reference and one dispatch function.
+
+The model calls only the dispatch functions re-exported here. Each reference is plain torch and
+is also the CPU path; CUDA kernels (numba.cuda) slot in behind the same dispatch functions and are
+tested against the references.
+
+KV cache layout (shared by ``write_kv``, ``paged_attention`` and whoever allocates the cache):
+per layer, ``k_cache`` and ``v_cache`` are each ``[num_blocks, block_size, num_kv_heads,
+head_dim]``. Token ``offset`` of block ``b`` lives in slot ``b * block_size + offset``, which is
+row ``slot`` of the ``[num_blocks * block_size, num_kv_heads, head_dim]`` view: a write is a row
+scatter by slot (``index_copy_``) and gathering a request's context is a row gather by its slot
+list (``index_select``), whose rows come out in ``[tokens, heads, head_dim]`` order, ready for
+attention as a strided ``[heads, tokens, head_dim]`` view. Cache memory must hold finite values
+(allocate with zeros): padded attention reads slot 0 and masks it, and a NaN there would leak.
+"""
+
+from yaie.kernels.activation import silu_and_mul
+from yaie.kernels.attention import DecodeGroup, PrefillSegment, paged_attention
+from yaie.kernels.kv_cache import write_kv
+from yaie.kernels.linear import linear, pack_weight
+from yaie.kernels.rms_norm import fused_add_rms_norm, rms_norm
+from yaie.kernels.rotary import apply_rotary, build_cos_sin_cache
+
+__all__ = [
+    "DecodeGroup",
+    "PrefillSegment",
+    "apply_rotary",
+    "build_cos_sin_cache",
+    "fused_add_rms_norm",
+    "linear",
+    "pack_weight",
+    "paged_attention",
+    "rms_norm",
+    "silu_and_mul",
+    "write_kv",
+]

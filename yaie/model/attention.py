@@ -1,0 +1,168 @@
+"""Per-step attention metadata and the attention layer that reads and writes the paged KV cache.
+
+``AttentionMetadata`` turns the scheduler's plain lists into tensors once per step; every layer
+reuses them. Besides what a GPU kernel wants (slot mapping, query offsets, context lengths, a
+padded block table) it holds the CPU path's plans: each prefill chunk's context slots and
+offset-causal mask, and one padded gather of all decodes' contexts with its length mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from yaie.kernels import DecodeGroup, PrefillSegment, paged_attention, write_kv
+
+# Padded positions a new decode group must save to pay for itself (see _group_by_length);
+# measured break-even on SmolLM2-135M is ~300.
+_SPLIT_PADDING_TOKENS = 512
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Tensors describing one ragged step, shared by all layers.
+
+    Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i + 1]`` and, after this
+    step, a context of ``seq_lens[i]`` tokens in blocks ``block_tables[i, :]`` (padded with 0).
+    ``slot_mapping[t]`` is where token ``t``'s K/V goes (negative: padding, not written).
+    """
+
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    block_size: int
+    max_seq_len: int
+    prefills: list[PrefillSegment]
+    decodes: list[DecodeGroup]
+
+    @classmethod
+    def build(
+        cls,
+        query_start_loc: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        slot_mapping: list[int],
+        block_size: int,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """Build from a ``ScheduledBatch``'s lists (see ``yaie.core.batch``)."""
+        num_seqs = len(seq_lens)
+        max_seq_len = max(seq_lens, default=0)
+        max_blocks = -(-max_seq_len // block_size)
+        padded = [table[:max_blocks] + [0] * (max_blocks - len(table)) for table in block_tables]
+        tables = torch.tensor(padded, dtype=torch.int64).view(num_seqs, max_blocks)
+        query_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(num_seqs)]
+
+        prefills = []
+        for i, n in enumerate(query_lens):
+            if n > 1:
+                start, seq_len = query_start_loc[i], seq_lens[i]
+                slots = _context_slots(tables[i : i + 1], seq_len, block_size)[0]
+                mask = None if n == seq_len else _offset_causal_mask(n, seq_len)
+                prefills.append(
+                    PrefillSegment(start, start + n, slots.to(device), _to(mask, device))
+                )
+
+        decode_ids = [i for i, n in enumerate(query_lens) if n == 1]
+        decodes = [
+            _decode_group(group, query_start_loc, seq_lens, tables, block_size, device)
+            for group in _group_by_length(decode_ids, seq_lens)
+        ]
+
+        return cls(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=tables.to(device=device, dtype=torch.int32),
+            block_size=block_size,
+            max_seq_len=max_seq_len,
+            prefills=prefills,
+            decodes=decodes,
+        )
+
+
+def _to(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _context_slots(tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """``[R, length]`` slots of positions ``0..length-1`` for each row of ``tables``."""
+    pos = torch.arange(length)
+    return tables[:, pos // block_size] * block_size + pos % block_size
+
+
+def _offset_causal_mask(num_new: int, seq_len: int) -> torch.Tensor:
+    """``[num_new, seq_len]``: new query ``i`` (position ``seq_len - num_new + i``) sees keys
+    at positions up to its own."""
+    keys = torch.arange(seq_len)
+    queries = torch.arange(seq_len - num_new, seq_len)
+    return keys[None, :] <= queries[:, None]
+
+
+def _group_by_length(ids: list[int], seq_lens: list[int]) -> list[list[int]]:
+    """Split decodes into groups so no group pads many short contexts to a long one.
+
+    Going from the longest context down, a new group starts when closing the current one would
+    save more than ``_SPLIT_PADDING_TOKENS`` padded positions (the gap to the group's longest
+    context, times every shorter decode still to place). Each group costs a handful of ops per
+    layer; each padded position costs a gathered and attended K/V row.
+    """
+    if not ids:
+        return []
+    by_len = sorted(ids, key=lambda i: seq_lens[i], reverse=True)
+    groups = [[by_len[0]]]
+    for placed, i in enumerate(by_len[1:], start=1):
+        padding_saved = (seq_lens[groups[-1][0]] - seq_lens[i]) * (len(by_len) - placed)
+        if padding_saved > _SPLIT_PADDING_TOKENS:
+            groups.append([])
+        groups[-1].append(i)
+    return [sorted(group) for group in groups]
+
+
+def _decode_group(
+    decode_ids: list[int],
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    tables: torch.Tensor,
+    block_size: int,
+    device: torch.device | str,
+) -> DecodeGroup:
+    rows_list = [query_start_loc[i] for i in decode_ids]
+    first = rows_list[0]
+    if rows_list == list(range(first, first + len(rows_list))):
+        rows: slice | torch.Tensor = slice(first, first + len(rows_list))
+    else:
+        rows = torch.tensor(rows_list, dtype=torch.int64, device=device)
+    lens = [seq_lens[i] for i in decode_ids]
+    max_len = max(lens)
+    slots = _context_slots(tables[decode_ids], max_len, block_size)
+    mask = None
+    if min(lens) != max_len:
+        mask = torch.arange(max_len)[None, :] < torch.tensor(lens)[:, None]
+        mask = mask.view(len(lens), 1, 1, max_len).to(device)
+    return DecodeGroup(rows, len(lens), max_len, slots.flatten().to(device), mask)
+
+
+class Attention(nn.Module):
+    """Stores this step's K/V in its layer's paged cache, then attends over each context.
+
+    ``k_cache``/``v_cache`` are bound by the model (``LlamaForCausalLM.allocate_kv_cache``);
+    they are plain attributes, not buffers, so they stay out of ``state_dict``.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` -> ``[T, Hq, D]``."""
+        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)

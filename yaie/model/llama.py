@@ -1,0 +1,258 @@
+"""The Llama-family decoder: Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5, Qwen3.
+
+These models differ only in switches ``ModelConfig`` carries: RoPE scaling (Llama 3.1), q/k/v
+bias (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), tied embeddings, GQA ratio. The whole
+step is one ragged batch: ``forward`` takes the flat tokens of every scheduled request (prefill
+chunks and decodes mixed) and their positions, and the attention layers read and write the paged
+KV cache as ``AttentionMetadata`` describes.
+
+Projections are fused where the checkpoint has them separate (q/k/v into one GEMM, gate/up into
+another): fewer, larger GEMMs read the activations once and cost one op each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from yaie.kernels import apply_rotary, build_cos_sin_cache, silu_and_mul
+from yaie.kernels.cpu import keep_freed_memory
+from yaie.model.attention import Attention, AttentionMetadata
+from yaie.model.config import ModelConfig
+from yaie.model.layers import (
+    MergedColumnParallelLinear,
+    PackedWeight,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+# Checkpoint names fused into one of our parameters: (ours, theirs, shard id).
+_FUSED = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, config.num_heads, config.num_kv_heads,
+            bias=config.attention_bias,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_heads * head_dim, config.hidden_size, bias=config.attention_out_bias
+        )
+        if config.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        # This rank's heads (all of them until tensor parallelism shards the projections).
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = head_dim
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+        cos_sin_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
+        q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        apply_rotary(positions, q, k, cos_sin_cache)
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [size, size], bias=config.mlp_bias
+        )
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(mlp output, residual stream)``; the next norm adds the former into the
+        latter, so each sub-layer's residual add costs no extra op."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta, cos_sin_cache)
+        hidden = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Built by LlamaForCausalLM.prepare_for_inference, after the model has its real device.
+        self.register_buffer("cos_sin_cache", None, persistent=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta, self.cos_sin_cache)
+        return self.norm(hidden, residual)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Our Llama-family model, loaded from Hugging Face weights with ``load_weights``.
+
+    Life cycle: construct (parameters uninitialised; the ``meta`` device works), ``to_empty`` /
+    ``.to(dtype/device)``, ``load_weights`` (which ends with ``prepare_for_inference``),
+    ``allocate_kv_cache``, then ``forward`` each step and ``compute_logits`` on the rows to
+    sample.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.tie(self.model.embed_tokens)
+        self.kv_cache: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """``input_ids, positions [T]`` (int64) -> final hidden states ``[T, hidden]``."""
+        return self.model(input_ids, positions, meta)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden]`` -> fp32 ``[N, vocab]``; pass only the rows that sample."""
+        return self.lm_head(hidden).float()
+
+    def allocate_kv_cache(
+        self,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Allocate one zeroed ``[layers, 2, num_blocks, block_size, Hkv, D]`` tensor and bind
+        each layer's K and V views of it; returns it (one allocation: easy to size and free).
+
+        Defaults to the model's own dtype and device. Zeros because padded attention reads
+        stale slots under a mask, which must hold finite values.
+        """
+        weight = self.model.norm.weight
+        attn = self.model.layers[0].self_attn
+        self.kv_cache = torch.zeros(
+            self.config.num_layers, 2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim,
+            dtype=dtype or weight.dtype, device=device or weight.device,
+        )
+        for layer, kv in zip(self.model.layers, self.kv_cache):
+            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = kv[0], kv[1]
+        return self.kv_cache
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face-named tensors, fusing q/k/v and gate/up; then prepare for inference.
+
+        Rotary ``inv_freq`` buffers are skipped (we build our own table), as is ``lm_head`` when
+        it is tied to the embedding. Unknown or missing parameters raise ``ValueError``: a
+        silently ignored tensor would be a model that runs and talks nonsense.
+        """
+        if self.config.tie_word_embeddings:
+            # Again: materialising from the meta device (``to_empty``) unties parameters.
+            self.lm_head.tie(self.model.embed_tokens)
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                if "rotary_emb.inv_freq" in name:
+                    continue
+                if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                    continue
+                target, shard_id = _our_name(name)
+                if target not in params:
+                    raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
+                param = params[target]
+                module = self.get_submodule(target.rpartition(".")[0])
+                loader = getattr(module, "weight_loader", None)
+                if loader is not None:
+                    loader(param, tensor, shard_id)
+                elif param.shape != tensor.shape:
+                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(param.shape)}")
+                else:
+                    param.copy_(tensor)
+                loaded.add(target)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        self.prepare_for_inference()
+
+    def prepare_for_inference(self) -> None:
+        """Build what derives from the weights' device and dtype: the rotary table, and on CPU
+        each projection's oneDNN-layout weight.
+
+        On CPU this also sets glibc to keep freed memory for reuse (``yaie.kernels.cpu``), a
+        process-wide setting without which every layer of a step page-faults its buffers in.
+        ``load_weights`` calls this; call it again after changing weights in place or moving
+        the model to another device or dtype.
+        """
+        cfg, weight = self.config, self.model.norm.weight
+        self.model.cos_sin_cache = build_cos_sin_cache(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+            weight.dtype,
+        ).to(weight.device)
+        if weight.device.type == "cpu":
+            keep_freed_memory()
+        for module in self.modules():
+            if isinstance(module, PackedWeight):
+                module.pack()
+
+
+def _our_name(name: str) -> tuple[str, int | str | None]:
+    """Map a checkpoint name to our parameter name and, for fused ones, its shard id."""
+    for ours, theirs, shard_id in _FUSED:
+        if f".{theirs}." in name:
+            return name.replace(f".{theirs}.", f".{ours}."), shard_id
+    return name, None
