@@ -2,7 +2,10 @@
 
 The model calls only the dispatch functions re-exported here. Each reference is plain torch and
 is also the CPU path; CUDA kernels (numba.cuda) slot in behind the same dispatch functions and are
-tested against the references.
+tested against the references. Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``apply_rotary`` (with
+``build_cos_sin_cache``), ``silu_and_mul``, ``write_kv``, ``paged_attention``, and ``linear``
+(GEMMs stay on torch; on CPU through oneDNN with weights packed by ``pack_weight``).
+``yaie.kernels.cpu`` holds the one process setting the CPU path needs (``keep_freed_memory``).
 
 KV cache layout (shared by ``write_kv``, ``paged_attention`` and whoever allocates the cache):
 per layer, ``k_cache`` and ``v_cache`` are each ``[num_blocks, block_size, num_kv_heads,

@@ -10,6 +10,8 @@ The torch path runs in two parts whose plans are built once per step (``Attentio
 
 - each prefill chunk gathers its context rows by slot and runs ``scaled_dot_product_attention``
   (``is_causal`` when there is no cached prefix, else an explicit offset-causal mask);
+- a context whose slots are consecutive (its blocks were allocated in order) is read as a view
+  of the cache instead of gathered;
 - decodes run as batched attention: their contexts are gathered, padded to the longest, into
   ``[B, Lmax, Hkv, D]`` with a length mask, so a decode step costs a fixed handful of ops per
   layer whatever the batch size. Decodes of very different lengths go in separate groups so
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 @dataclass(slots=True)
 class PrefillSegment:
-    """One request's prefill chunk: flat query rows ``start:end`` over context ``slots``.
+    """One request's prefill chunk: flat query rows ``start:end`` over context ``slots``
+    (cache rows: an index tensor, or a ``slice`` when they are consecutive).
 
     ``mask`` is ``[end - start, len(slots)]`` bool (True = attend) when a cached prefix shifts
     the diagonal, ``None`` when the chunk is the whole context so plain causal attention applies.
@@ -35,7 +38,7 @@ class PrefillSegment:
 
     start: int
     end: int
-    slots: torch.Tensor
+    slots: torch.Tensor | slice
     mask: torch.Tensor | None
 
 
@@ -44,15 +47,16 @@ class DecodeGroup:
     """Single-token queries of similar context lengths, attended as one padded batch.
 
     ``rows`` selects the decode tokens in the flat batch (a ``slice`` when they are contiguous,
-    else an index tensor); ``slots`` is ``[B * max_len]``: request ``b``'s context slots padded
-    to ``max_len`` with slot 0, whose (finite) contents ``mask [B, 1, 1, max_len]`` hides. ``mask``
-    is ``None`` when all contexts have the same length.
+    else an index tensor); ``slots`` is ``[B * max_len]``: request ``b``'s context slots, padded
+    to ``max_len`` with in-range slots whose stale (finite) contents ``mask [B, 1, 1, max_len]``
+    hides (a ``slice`` for a lone request with consecutive slots). ``mask`` is ``None`` when all
+    contexts have the same length.
     """
 
     rows: slice | torch.Tensor
     num_seqs: int
     max_len: int
-    slots: torch.Tensor
+    slots: torch.Tensor | slice
     mask: torch.Tensor | None
 
 
@@ -61,6 +65,11 @@ class PagedAttentionMetadata(Protocol):
 
     prefills: list[PrefillSegment]
     decodes: list[DecodeGroup]
+
+
+def _context(rows: torch.Tensor, slots: torch.Tensor | slice) -> torch.Tensor:
+    """Cache rows ``slots`` of ``rows [num_slots, Hkv, D]``: a view when they are a range."""
+    return rows[slots] if isinstance(slots, slice) else rows.index_select(0, slots)
 
 
 def _prefill(
@@ -75,8 +84,8 @@ def _prefill(
     Inputs are made 4-D (batch of one): torch's fused CPU attention kernel only takes 4-D and
     otherwise falls back to materialising the full score matrix.
     """
-    k = k_rows.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)
-    v = v_rows.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)
+    k = _context(k_rows, seg.slots).transpose(0, 1).unsqueeze(0)
+    v = _context(v_rows, seg.slots).transpose(0, 1).unsqueeze(0)
     out = F.scaled_dot_product_attention(
         q[seg.start : seg.end].transpose(0, 1).unsqueeze(0),
         k,
@@ -98,8 +107,8 @@ def _decode(
 ) -> torch.Tensor:
     """``[B, Hq, D]`` output of one decode group."""
     shape = (group.num_seqs, group.max_len, *k_rows.shape[1:])
-    k = k_rows.index_select(0, group.slots).view(shape).transpose(1, 2)
-    v = v_rows.index_select(0, group.slots).view(shape).transpose(1, 2)
+    k = _context(k_rows, group.slots).view(shape).transpose(1, 2)
+    v = _context(v_rows, group.slots).view(shape).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q[group.rows].unsqueeze(2), k, v, attn_mask=group.mask, scale=scale, enable_gqa=True
     )

@@ -34,6 +34,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def linear_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
+    """Plain ``F.linear``: what every non-CPU device (and any unpacked weight) runs."""
     return F.linear(x, weight, bias)
 
 

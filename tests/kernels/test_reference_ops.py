@@ -205,14 +205,21 @@ def _run_paged_attention(
     block_size: int,
     seed: int,
     head_dim: int = 16,
+    in_order: bool = False,
 ) -> AttentionMetadata:
-    """``requests`` are ``(cached prefix length, new tokens)``; checks every query row."""
+    """``requests`` are ``(cached prefix length, new tokens)``; checks every query row.
+
+    Blocks are handed out shuffled, or ``in_order`` (each context then is one run of blocks).
+    """
     rng = random.Random(seed)
     torch.manual_seed(seed)
     blocks_needed = [-(-(p + n) // block_size) for p, n in requests]
     num_blocks = sum(blocks_needed) + 3
     free = list(range(num_blocks))
-    rng.shuffle(free)
+    if in_order:
+        free.reverse()  # pop() yields 0, 1, 2, ...
+    else:
+        rng.shuffle(free)
     k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim)
     v_cache = torch.zeros_like(k_cache)
     # Stale garbage in the free blocks: masked-out reads must not matter.
@@ -262,7 +269,7 @@ def _run_paged_attention(
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(3, 3), (4, 1), (6, 2), (8, 2)])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(3, 3), (4, 1), (6, 2), (8, 2), (8, 1)])
 def test_paged_attention_mixed_batch(block_size: int, num_heads: int, num_kv_heads: int) -> None:
     requests = [
         (0, 7),  # fresh prefill
@@ -296,6 +303,17 @@ def test_paged_attention_groups_decodes_of_very_different_lengths() -> None:
     # 601 and 591 together; 301 alone; 21 and 4 together (padding 4 -> 21 is cheap).
     assert sorted(g.max_len for g in meta.decodes) == [21, 301, 601]
     assert sorted(g.num_seqs for g in meta.decodes) == [1, 2, 2]
+
+
+def test_paged_attention_reads_consecutive_contexts_as_views() -> None:
+    requests = [(0, 20), (37, 1), (21, 12)]
+    meta = _run_paged_attention(requests, num_heads=4, num_kv_heads=2, block_size=16, seed=4,
+                                in_order=True)
+    assert all(isinstance(seg.slots, slice) for seg in meta.prefills)
+    assert len(meta.decodes) == 1 and isinstance(meta.decodes[0].slots, slice)
+    single = _run_paged_attention([(0, 9)], num_heads=4, num_kv_heads=2, block_size=16, seed=5,
+                                  in_order=True)
+    assert isinstance(single.prefills[0].slots, slice)
 
 
 @settings(max_examples=30, deadline=None)

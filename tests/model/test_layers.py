@@ -84,3 +84,48 @@ def test_indivisible_shapes_are_clear_errors() -> None:
         ColumnParallelLinear(4, 7, tp_size=2)
     with pytest.raises(ValueError, match="shape mismatch"):
         _load(ColumnParallelLinear(4, 6), "weight", torch.randn(6, 5))
+
+
+def _tp_worker(rank: int, world: int, init_file: str) -> None:
+    """One rank of a 2-way tensor-parallel MLP, embedding and LM head vs the unsharded math;
+    a failed assertion here fails the test through ``start_processes``."""
+    import torch.distributed as dist
+
+    from yaie.kernels import silu_and_mul
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same full tensors on every rank
+        hidden, inter, vocab = 8, 12, 10
+        gate, up = torch.randn(inter, hidden), torch.randn(inter, hidden)
+        down, down_bias = torch.randn(hidden, inter), torch.randn(hidden)
+        table = torch.randn(vocab, hidden)
+        x, ids = torch.randn(3, hidden), torch.tensor([0, 4, 5, 9])
+
+        gate_up = MergedColumnParallelLinear(hidden, [inter, inter], tp_size=world, tp_rank=rank)
+        gate_up.weight_loader(gate_up.weight, gate, 0)
+        gate_up.weight_loader(gate_up.weight, up, 1)
+        down_proj = RowParallelLinear(inter, hidden, bias=True, tp_size=world, tp_rank=rank)
+        down_proj.weight_loader(down_proj.weight, down)
+        down_proj.weight_loader(down_proj.bias, down_bias)
+        embed = VocabParallelEmbedding(vocab, hidden, tp_size=world, tp_rank=rank)
+        embed.weight_loader(embed.weight, table)
+        head = ParallelLMHead(vocab, hidden, tp_size=world, tp_rank=rank)
+        head.tie(embed)
+        for layer in (gate_up, down_proj, head):
+            layer.pack()
+
+        with torch.no_grad():
+            mlp = down_proj(silu_and_mul(gate_up(x)))
+            expected_mlp = torch.nn.functional.silu(x @ gate.T) * (x @ up.T) @ down.T + down_bias
+            torch.testing.assert_close(mlp, expected_mlp, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(embed(ids), table[ids])
+            torch.testing.assert_close(head(x), x @ table.T, rtol=1e-4, atol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_way_tensor_parallel_matches_unsharded(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_tp_worker, args=(2, str(tmp_path / "init")), nprocs=2, start_method="spawn")

@@ -114,12 +114,24 @@ def _assert_matches_hf(hf_model: torch.nn.Module, seq: _Seq, logits: torch.Tenso
 @pytest.mark.parametrize("order", ["interleaved", "decodes-first"])
 @pytest.mark.parametrize("name", list(_configs()))
 def test_mixed_batch_matches_transformers(name: str, order: str) -> None:
+    _check_mixed_batch(name, order, shuffled_blocks=True)
+
+
+def test_blocks_in_allocation_order_match_transformers() -> None:
+    """Consecutive blocks take the kernels' no-gather path; same logits."""
+    _check_mixed_batch("llama3", "interleaved", shuffled_blocks=False)
+
+
+def _check_mixed_batch(name: str, order: str, shuffled_blocks: bool) -> None:
     hf_config = _configs()[name]
     hf_model = _hf_model(hf_config)
     model = _our_model(hf_config, hf_model)
     rng = random.Random(name)
     free_blocks = list(range(NUM_BLOCKS))
-    rng.shuffle(free_blocks)
+    if shuffled_blocks:
+        rng.shuffle(free_blocks)
+    else:
+        free_blocks.reverse()  # pop() yields 0, 1, 2, ...
     a, b, c, d = (_Seq([rng.randrange(128) for _ in range(n)]) for n in (7, 11, 10, 14))
 
     # Earlier step: B's first 5 tokens, C's and D's whole prompts but their last token.

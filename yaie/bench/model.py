@@ -156,14 +156,15 @@ class _LlamaCpp:
         return len(prompt) / (time.perf_counter() - t0)
 
 
-def _peers(llm: LLM, n_ctx: int) -> list:
-    peers = [_Transformers(llm)]
+def _peers(llm: LLM, n_ctx: int):
+    """Each peer is built only after the previous one is gone: llama.cpp's thread pool would
+    otherwise compete with transformers for the same cores."""
+    yield _Transformers(llm)
     if llm.resolved.kind == "gguf":
         try:
-            peers.append(_LlamaCpp(llm, n_ctx))
+            yield _LlamaCpp(llm, n_ctx)
         except ImportError:
             pass
-    return peers
 
 
 def latency(

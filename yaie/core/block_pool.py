@@ -35,6 +35,7 @@ class BlockPool:
             raise NoFreeBlocksError(f"asked for {n} blocks, {len(self._free)} free")
         taken = self._free[len(self._free) - n :]
         del self._free[len(self._free) - n :]
+        taken.reverse()  # ascending: a fresh request's blocks are often consecutive (no gather)
         refs = self.ref_counts
         for b in taken:
             refs[b] = 1
