@@ -27,3 +27,7 @@ demo: setup
 
 bench-core: setup
 	$(YAIE) bench core
+
+# Compile the numba kernels for this machine's GPU into numba's cache (no GPU: says so, exits 0).
+build-kernels: setup
+	$(PY) -m yaie.kernels.build

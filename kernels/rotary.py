@@ -6,13 +6,35 @@ casing.
 
 Two layouts pair the channels that rotate together: NeoX / Hugging Face Llama ("rotate halves":
 channel ``i`` with ``i + D/2``) and GPT-J (interleaved: ``2i`` with ``2i + 1``).
+
+The numba kernel rotates q and k in one launch, one block per token, reading and writing each
+value once; the torch reference gathers the table and makes six passes with temporaries.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+from yaie.kernels._numba import (
+    BF16,
+    F16,
+    F32,
+    cuda,
+    elements,
+    integers,
+    load_element,
+    pack,
+    per_word,
+    pow2_threads,
+    runs_here,
+    stream_for,
+    unpack,
+    words,
+    words_fit,
+)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -119,6 +141,154 @@ def apply_rotary_reference(
     _rotate_(k, cos, sin, is_neox)
 
 
+# --- numba.cuda kernel ----------------------------------------------------------------------------
+
+_MAX_HALF = 256
+"""Largest ``head_dim / 2`` the kernel stages in shared memory (head_dim up to 512)."""
+
+
+@cuda.jit(device=True)
+def _rotate_word(x, t, h, w, cos, sin, is_neox, kind):
+    """Rotate the pairs that word ``w`` of head ``x[t, h]`` starts, in place.
+
+    NeoX: word ``w`` of the first half holds channels ``i = w * vec + j``; their partners
+    ``i + D/2`` sit in word ``w + W/2``, so the thread loads both words (two independent
+    loads in flight) and writes both. GPT-J: a word holds ``vec / 2`` whole pairs.
+    Per pair, ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)`` in fp32, rounded once.
+    """
+    vec = per_word(kind)
+    if is_neox:
+        half_words = x.shape[2] // 2
+        first = np.uint64(x[t, h, w])
+        second = np.uint64(x[t, h, w + half_words])
+        out_first = np.uint64(0)
+        out_second = np.uint64(0)
+        for j in range(vec):
+            i = w * vec + j
+            x0 = unpack(first, j, kind)
+            x1 = unpack(second, j, kind)
+            out_first |= pack(x0 * cos[i] - x1 * sin[i], j, kind)
+            out_second |= pack(x1 * cos[i] + x0 * sin[i], j, kind)
+        x[t, h, w] = out_first
+        x[t, h, w + half_words] = out_second
+    else:
+        word = np.uint64(x[t, h, w])
+        out = np.uint64(0)
+        for m in range(vec // 2):
+            i = w * (vec // 2) + m
+            x0 = unpack(word, 2 * m, kind)
+            x1 = unpack(word, 2 * m + 1, kind)
+            out |= pack(x0 * cos[i] - x1 * sin[i], 2 * m, kind)
+            out |= pack(x1 * cos[i] + x0 * sin[i], 2 * m + 1, kind)
+        x[t, h, w] = out
+
+
+@cuda.jit(device=True)
+def _rotary_token(positions, q, k, cos_sin, is_neox, kind):
+    """One block rotates every q and k head of token ``blockIdx.x``.
+
+    The token's table row (``cos`` and the positive ``sin``, ``D/2`` values each) is staged in
+    shared memory as fp32 once, then reused by all heads. The work items are (head, word) pairs
+    over q's heads then k's, handed out to threads round-robin, so a warp covers consecutive
+    words of a head: coalesced 8-byte accesses, each value read and written once.
+    """
+    t = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    step = cuda.blockDim.x
+    half = cos_sin.shape[2] // 2
+    pos = positions[t]
+    cos = cuda.shared.array(_MAX_HALF, np.float32)
+    sin = cuda.shared.array(_MAX_HALF, np.float32)
+    i = tid
+    while i < half:
+        cos[i] = load_element(cos_sin[pos, 0, i], kind)
+        sin[i] = load_element(cos_sin[pos, 1, half + i], kind)
+        i += step
+    cuda.syncthreads()
+
+    per_head = q.shape[2] // 2 if is_neox else q.shape[2]
+    q_items = q.shape[1] * per_head
+    items = q_items + k.shape[1] * per_head
+    item = tid
+    while item < items:
+        if item < q_items:
+            h = item // per_head
+            _rotate_word(q, t, h, item - h * per_head, cos, sin, is_neox, kind)
+        else:
+            h = (item - q_items) // per_head
+            _rotate_word(k, t, h, item - q_items - h * per_head, cos, sin, is_neox, kind)
+        item += step
+
+
+# One kernel per dtype (``kind`` must be a compile-time constant; see yaie.kernels._numba).
+# Arguments: positions [T] (int), q [T, Hq, W] and k [T, Hkv, W] as 8-byte words, the table
+# [max_pos, 2, D] as per-value bits, is_neox.
+
+
+@cuda.jit(cache=True)
+def rotary_f32(positions, q, k, cos_sin, is_neox):
+    _rotary_token(positions, q, k, cos_sin, is_neox, F32)
+
+
+@cuda.jit(cache=True)
+def rotary_bf16(positions, q, k, cos_sin, is_neox):
+    _rotary_token(positions, q, k, cos_sin, is_neox, BF16)
+
+
+@cuda.jit(cache=True)
+def rotary_f16(positions, q, k, cos_sin, is_neox):
+    _rotary_token(positions, q, k, cos_sin, is_neox, F16)
+
+
+ROTARY_KERNELS = {torch.float32: rotary_f32, torch.bfloat16: rotary_bf16, torch.float16: rotary_f16}
+
+
+def numba_supports(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> bool:
+    """Whether the numba kernel handles these operands here (else the reference runs).
+
+    q and k: ``[T, heads, D]`` word-aligned views (slices of a fused QKV output qualify) with
+    each half-head a whole number of words; the table contiguous in the same dtype.
+    """
+    head_dim = q.shape[-1]
+    return (
+        runs_here(q)
+        and q.dim() == 3
+        and k.dim() == 3
+        and q.shape[0] == k.shape[0] == positions.shape[0] > 0
+        and k.shape[-1] == head_dim
+        and k.dtype == q.dtype == cos_sin_cache.dtype
+        and cos_sin_cache.is_contiguous()
+        and cos_sin_cache.shape[1:] == (2, head_dim)
+        and head_dim <= 2 * _MAX_HALF
+        and (head_dim // 2) * q.element_size() % 8 == 0
+        and words_fit(q)
+        and words_fit(k)
+        and positions.dim() == 1
+        and not positions.is_floating_point()
+    )
+
+
+def apply_rotary_numba(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> None:
+    """The numba kernel's ``apply_rotary``: rotates ``q`` and ``k`` in place."""
+    words_per_head = q.shape[-1] * q.element_size() // 8
+    items = (q.shape[1] + k.shape[1]) * (words_per_head // 2 if is_neox else words_per_head)
+    threads = pow2_threads(items, hi=128)
+    ROTARY_KERNELS[q.dtype][q.shape[0], threads, stream_for(q)](
+        integers(positions), words(q), words(k), elements(cos_sin_cache), is_neox
+    )
+
+
+# --- dispatch -------------------------------------------------------------------------------------
+
+
 def apply_rotary(
     positions: torch.Tensor,
     q: torch.Tensor,
@@ -126,5 +296,8 @@ def apply_rotary(
     cos_sin_cache: torch.Tensor,
     is_neox: bool = True,
 ) -> None:
-    """The model's entry point; every device runs the torch reference for now."""
-    apply_rotary_reference(positions, q, k, cos_sin_cache, is_neox)
+    """The model's entry point: the numba kernel on CUDA tensors it supports, else the reference."""
+    if q.is_cuda and numba_supports(positions, q, k, cos_sin_cache):
+        apply_rotary_numba(positions, q, k, cos_sin_cache, is_neox)
+    else:
+        apply_rotary_reference(positions, q, k, cos_sin_cache, is_neox)

@@ -16,6 +16,12 @@ def _bench_core(args: argparse.Namespace) -> None:
     run(tuple(args.sizes), args.steps)
 
 
+def _bench_kernels(args: argparse.Namespace) -> None:
+    from yaie.bench.kernels import run
+
+    run(args.tokens, args.iters)
+
+
 def _generate(args: argparse.Namespace) -> None:
     from yaie.core.sampling import SamplingParams
     from yaie.llm import LLM
@@ -111,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--sizes", type=int, nargs="+", default=[32, 256, 1024])
     core.add_argument("--steps", type=int, default=200)
     core.set_defaults(func=_bench_core)
+    kern = bench_sub.add_parser("kernels", help="numba kernels vs copy bandwidth and torch (GPU)")
+    kern.add_argument("--tokens", type=int, default=4096)
+    kern.add_argument("--iters", type=int, default=100)
+    kern.set_defaults(func=_bench_kernels)
     lat = bench_sub.add_parser("latency", help="batch-1 / batch-N decode and prefill vs peers")
     lat.add_argument("model", nargs="?", default=None)
     lat.add_argument("--prompt-len", type=int, default=32)

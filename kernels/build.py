@@ -1,0 +1,214 @@
+"""Compile every numba kernel specialisation the engine launches, ahead of time.
+
+``python -m yaie.kernels.build`` (also ``./build_kernels.sh``, ``make build-kernels`` and
+``python setup_kernels.py build_ext --inplace``) compiles each kernel for the local GPU into
+numba's on-disk cache (every kernel is ``cache=True``), so the engine's first request loads
+machine code instead of waiting for NVVM, and prints what it compiled. Without a usable CUDA GPU
+it says the engine will run the torch reference ops and exits 0: there is nothing to build.
+
+numba specialises a kernel on its argument types: dtype, number of dims and layout (``C`` for
+contiguous, ``A`` for strided) of every array. So each entry of ``WARMUPS`` makes one launch on
+tiny operands shaped the way the engine shapes them (hidden states contiguous, q/k/v strided
+slices of the fused QKV output, ...), through the same code path the engine takes; the compiled
+specialisation is then exactly the one the engine's calls hit. ``warmup(dtype)`` runs them all
+in-process, which is also what must happen before a CUDA graph is captured: compilation cannot
+happen inside a capture. To add a kernel, append a ``Warmup``.
+
+numba invalidates a cached kernel when its own source file changes, not when a device function
+it calls from another file does (``kernels/_numba.py``'s conversions): after editing one, run
+with ``--rebuild``, which deletes the cached kernels next to the sources first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from yaie.kernels._numba import gpu_available
+
+_rms_norm = importlib.import_module("yaie.kernels.rms_norm")
+_rotary = importlib.import_module("yaie.kernels.rotary")
+_activation = importlib.import_module("yaie.kernels.activation")
+_kv_cache = importlib.import_module("yaie.kernels.kv_cache")
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+# Tiny engine-shaped operands: sizes don't change the specialisation, layouts do.
+_TOKENS, _HEADS, _KV_HEADS, _HEAD_DIM, _HIDDEN = 3, 4, 2, 64, 256
+
+
+def _qkv(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the attention layer makes them: strided head slices of one QKV output."""
+    qkv = torch.randn(_TOKENS, _HEADS + 2 * _KV_HEADS, _HEAD_DIM, dtype=dtype, device=device)
+    return qkv.split((_HEADS, _KV_HEADS, _KV_HEADS), dim=1)
+
+
+def _run_rms_norm(dtype: torch.dtype, device: torch.device) -> None:
+    x = torch.randn(_TOKENS, _HIDDEN, dtype=dtype, device=device)
+    _rms_norm.rms_norm_numba(x, torch.ones(_HIDDEN, dtype=dtype, device=device), 1e-6)
+
+
+def _run_qk_norm(dtype: torch.dtype, device: torch.device) -> None:
+    q, _, _ = _qkv(dtype, device)
+    _rms_norm.rms_norm_numba(q, torch.ones(_HEAD_DIM, dtype=dtype, device=device), 1e-6)
+
+
+def _run_fused_add_rms_norm(dtype: torch.dtype, device: torch.device) -> None:
+    x, residual = torch.randn(2, _TOKENS, _HIDDEN, dtype=dtype, device=device)
+    weight = torch.ones(_HIDDEN, dtype=dtype, device=device)
+    _rms_norm.fused_add_rms_norm_numba(x, residual, weight, 1e-6)
+
+
+def _run_rotary(dtype: torch.dtype, device: torch.device) -> None:
+    q, k, _ = _qkv(dtype, device)
+    cache = _rotary.build_cos_sin_cache(_HEAD_DIM, 16, 10000.0, None, dtype).to(device)
+    positions = torch.arange(_TOKENS, device=device)
+    _rotary.apply_rotary_numba(positions, q, k, cache)
+
+
+def _run_silu_and_mul(dtype: torch.dtype, device: torch.device) -> None:
+    _activation.silu_and_mul_numba(torch.randn(_TOKENS, 2 * _HIDDEN, dtype=dtype, device=device))
+
+
+def _run_write_kv(dtype: torch.dtype, device: torch.device) -> None:
+    _, k, v = _qkv(dtype, device)
+    k_cache, v_cache = torch.zeros(2, 4, 16, _KV_HEADS, _HEAD_DIM, dtype=dtype, device=device)
+    slots = torch.tensor([0, -1, 17], device=device)
+    _kv_cache.write_kv_numba(k, v, k_cache, v_cache, slots)
+
+
+@dataclass(frozen=True, slots=True)
+class Warmup:
+    """One specialisation the engine launches.
+
+    ``kernel(dtype)`` is the numba dispatcher the launch goes to; ``run(dtype, device)`` makes
+    the launch, on operands with the engine's dtypes, dims and layouts.
+    """
+
+    name: str
+    kernel: Callable[[torch.dtype], object]
+    run: Callable[[torch.dtype, torch.device], None]
+
+
+WARMUPS: list[Warmup] = [
+    Warmup("rms_norm", _rms_norm.RMS_NORM_KERNELS.__getitem__, _run_rms_norm),
+    Warmup("rms_norm (q/k heads)", _rms_norm.RMS_NORM_KERNELS.__getitem__, _run_qk_norm),
+    Warmup(
+        "fused_add_rms_norm",
+        _rms_norm.FUSED_ADD_RMS_NORM_KERNELS.__getitem__,
+        _run_fused_add_rms_norm,
+    ),
+    Warmup("apply_rotary", _rotary.ROTARY_KERNELS.__getitem__, _run_rotary),
+    Warmup("silu_and_mul", _activation.SILU_AND_MUL_KERNELS.__getitem__, _run_silu_and_mul),
+    Warmup("write_kv", lambda dtype: _kv_cache.write_kv_kernel, _run_write_kv),
+]
+
+
+@dataclass(slots=True)
+class Built:
+    """One row of the build table."""
+
+    name: str
+    kernel: str
+    dtype: torch.dtype
+    types: str
+    seconds: float
+
+
+def _describe(types: tuple) -> str:
+    """A numba argument-type tuple, short: ``int64[3d A]`` for a strided 3-D array."""
+    parts = []
+    for t in types:
+        ndim, layout = getattr(t, "ndim", None), getattr(t, "layout", None)
+        parts.append(f"{t.dtype}[{ndim}d {layout}]" if ndim else str(t))
+    return ", ".join(parts)
+
+
+def warmup(
+    dtype: torch.dtype, device: torch.device | str = "cuda", warmups: list[Warmup] | None = None
+) -> list[Built]:
+    """Compile (or load from numba's cache) and launch every kernel for ``dtype``.
+
+    Call it before capturing CUDA graphs of a model in ``dtype``; returns what each launch
+    compiled and how long it took (a cache hit takes milliseconds).
+    """
+    device = torch.device(device)
+    built = []
+    for entry in WARMUPS if warmups is None else warmups:
+        kernel = entry.kernel(dtype)
+        before = set(kernel.overloads)
+        start = time.perf_counter()
+        entry.run(dtype, device)
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        new = [sig for sig in kernel.overloads if sig not in before]
+        types = "; ".join(_describe(sig) for sig in new) or "(already loaded)"
+        built.append(Built(entry.name, kernel.py_func.__name__, dtype, types, seconds))
+    return built
+
+
+def clear_cache() -> int:
+    """Delete numba's cached kernels (index ``.nbi`` and code ``.nbc``) beside the sources."""
+    removed = 0
+    for path in (Path(__file__).parent / "__pycache__").glob("*.nb[ic]"):
+        path.unlink()
+        removed += 1
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m yaie.kernels.build",
+        description="compile YAIE's numba kernels for the local GPU into numba's on-disk cache",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        action="append",
+        help="activation dtype to build for (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="delete the cached kernels first (after editing kernels/_numba.py)",
+    )
+    args = parser.parse_args(argv)
+    if not (torch.cuda.is_available() and gpu_available()):
+        print(
+            "yaie kernels: no CUDA GPU usable by torch and numba-cuda here; the engine runs the "
+            "torch reference ops (CPU fallback). Nothing to build."
+        )
+        return 0
+    name = torch.cuda.get_device_name()
+    cc = ".".join(map(str, torch.cuda.get_device_capability()))
+    print(f"yaie kernels: building for {name} (compute capability {cc})")
+    if args.rebuild:
+        print(f"removed {clear_cache()} cached kernel files")
+    rows = []
+    start = time.perf_counter()
+    for key in args.dtype or list(DTYPES):
+        rows += warmup(DTYPES[key])
+    widths = (22, 26, 6, 9)
+    header = ("op", "kernel", "dtype", "seconds")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  types")
+    for row in rows:
+        dtype = str(row.dtype).removeprefix("torch.")
+        cells = (row.name, row.kernel, dtype, f"{row.seconds:.2f}")
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + row.types)
+    print(f"{len(rows)} specialisations in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
