@@ -3,8 +3,9 @@
 The model calls only the dispatch functions re-exported here. Each reference is plain torch and
 is also the CPU path; CUDA kernels (numba.cuda) slot in behind the same dispatch functions and are
 tested against the references. Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``apply_rotary`` (with
-``build_cos_sin_cache``), ``silu_and_mul``, ``write_kv``, ``paged_attention``, and ``linear``
-(GEMMs stay on torch; on CPU through oneDNN with weights packed by ``pack_weight``).
+``build_cos_sin_cache``), ``silu_and_mul``, ``write_kv``, ``paged_attention``, ``copy_blocks``
+(copy-on-write), and ``linear`` (GEMMs stay on torch; on CPU through oneDNN with weights packed
+by ``pack_weight``).
 ``yaie.kernels.cpu`` holds the one process setting the CPU path needs (``keep_freed_memory``).
 
 KV cache layout (shared by ``write_kv``, ``paged_attention`` and whoever allocates the cache):
@@ -19,6 +20,7 @@ attention as a strided ``[heads, tokens, head_dim]`` view. Cache memory must hol
 
 from yaie.kernels.activation import silu_and_mul
 from yaie.kernels.attention import DecodeGroup, PrefillSegment, paged_attention
+from yaie.kernels.block_copy import copy_blocks
 from yaie.kernels.kv_cache import write_kv
 from yaie.kernels.linear import linear, pack_weight
 from yaie.kernels.rms_norm import fused_add_rms_norm, rms_norm
@@ -29,6 +31,7 @@ __all__ = [
     "PrefillSegment",
     "apply_rotary",
     "build_cos_sin_cache",
+    "copy_blocks",
     "fused_add_rms_norm",
     "linear",
     "pack_weight",

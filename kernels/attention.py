@@ -5,6 +5,11 @@ cache (radix-tree hits, earlier chunks) plus its own new tokens, which ``write_k
 this op runs. Query ``i`` of a request whose context ends at ``seq_len`` with ``n`` new tokens sits
 at position ``seq_len - n + i`` and sees keys ``0 ..= seq_len - n + i``: causal with an offset.
 
+On CUDA tensors the decodes run in the numba kernel of ``yaie.kernels.decode_attention``
+(GQA, split-KV), which reads the block tables directly; prefill chunks run in whichever of
+torch's flash attention and the numba kernel of ``yaie.kernels.prefill_attention`` is faster
+(``PREFILL_BACKEND``). Everything else, and every CPU tensor, takes the torch path.
+
 The torch path runs in two parts whose plans are built once per step (``AttentionMetadata`` in
 ``yaie.model.attention``) and shared by all layers:
 
@@ -21,10 +26,20 @@ The torch path runs in two parts whose plans are built once per step (``Attentio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from yaie.kernels.decode_attention import decode_supported, paged_decode_attention
+from yaie.kernels.prefill_attention import paged_prefill_attention, prefill_supported
+
+PREFILL_BACKEND: Literal["torch", "numba"] = "torch"
+"""Who runs prefill chunks on the GPU: torch, whose attention runs on the tensor cores. Measured
+on an H100 (``python -m yaie.bench.attention_kernels``, bf16, 32/8 heads of 128): a 4,096-token
+prompt took 17.8 ms in the numba kernel (7.7 TFLOP/s, fp32 on the CUDA cores) against 0.28 ms
+on the torch path (gather + SDPA, 491 TFLOP/s); 512 tokens over a 3,584-token cached prefix,
+5.2 ms against 0.14 ms."""
 
 
 @dataclass(slots=True)
@@ -61,8 +76,15 @@ class DecodeGroup:
 
 
 class PagedAttentionMetadata(Protocol):
-    """What ``paged_attention`` reads from a step's metadata."""
+    """What ``paged_attention`` reads from a step's metadata (see ``AttentionMetadata``)."""
 
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_seq_len: int
+    decode_ids: torch.Tensor
+    prefill_ids: torch.Tensor
+    max_query_len: int
     prefills: list[PrefillSegment]
     decodes: list[DecodeGroup]
 
@@ -141,6 +163,33 @@ def paged_attention_reference(
     return out
 
 
+def paged_attention_cuda(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decodes in the numba decode kernel, prefill chunks per ``PREFILL_BACKEND``."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    paged_decode_attention(
+        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        meta.decode_ids, meta.max_seq_len, scale,
+    )
+    if not meta.prefills:
+        return out
+    if PREFILL_BACKEND == "numba" and prefill_supported(q, k_cache, v_cache):
+        paged_prefill_attention(
+            q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            meta.prefill_ids, meta.max_query_len, scale,
+        )
+    else:
+        k_rows, v_rows = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+        for seg in meta.prefills:
+            out[seg.start : seg.end] = _prefill(q, k_rows, v_rows, seg, scale)
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -148,5 +197,8 @@ def paged_attention(
     meta: PagedAttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """The model's entry point; every device runs the torch reference for now."""
+    """The model's entry point: ``paged_attention_cuda`` on CUDA tensors the numba decode
+    kernel supports, else the torch reference."""
+    if q.is_cuda and decode_supported(q, k_cache, v_cache):
+        return paged_attention_cuda(q, k_cache, v_cache, meta, scale)
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)

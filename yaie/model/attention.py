@@ -1,10 +1,10 @@
 """Per-step attention metadata and the attention layer that reads and writes the paged KV cache.
 
 ``AttentionMetadata`` turns the scheduler's plain lists into tensors once per step; every layer
-reuses them. Besides what a GPU kernel wants (slot mapping, query offsets, context lengths, a
-padded block table) it holds the CPU path's plans: each prefill chunk's context slots and
-offset-causal mask, and for the decodes, grouped by context length, padded gathers of their
-contexts with length masks.
+reuses them. Besides what the GPU kernels want (slot mapping, query offsets, context lengths, a
+padded block table, which requests decode and which prefill) it holds the torch path's plans:
+each prefill chunk's context slots and offset-causal mask, and for the decodes, grouped by
+context length, padded gathers of their contexts with length masks.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ class AttentionMetadata:
     Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i + 1]`` and, after this
     step, a context of ``seq_lens[i]`` tokens in blocks ``block_tables[i, :]`` (padded with 0).
     ``slot_mapping[t]`` is where token ``t``'s K/V goes (negative: padding, not written).
+    ``decode_ids`` / ``prefill_ids`` (int32) list the requests with one / several new tokens;
+    ``max_query_len`` is the most new tokens of any request.
     """
 
     slot_mapping: torch.Tensor
@@ -35,6 +37,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     block_size: int
     max_seq_len: int
+    decode_ids: torch.Tensor
+    prefill_ids: torch.Tensor
+    max_query_len: int
     prefills: list[PrefillSegment]
     decodes: list[DecodeGroup]
 
@@ -77,6 +82,11 @@ class AttentionMetadata:
             block_tables=tables.to(device=device, dtype=torch.int32),
             block_size=block_size,
             max_seq_len=max_seq_len,
+            decode_ids=torch.tensor(decode_ids, dtype=torch.int32, device=device),
+            prefill_ids=torch.tensor(
+                [i for i, n in enumerate(query_lens) if n > 1], dtype=torch.int32, device=device
+            ),
+            max_query_len=max(query_lens, default=0),
             prefills=prefills,
             decodes=decodes,
         )

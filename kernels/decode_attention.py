@@ -1,0 +1,498 @@
+"""Paged decode attention in numba.cuda: one new query token per request over its block table.
+
+A decode step is memory-bound: each request's query is one row per head, but its whole context
+of K and V must come from device memory. The kernel's job is to read every byte of K and V once,
+with wide coalesced loads and enough of them in flight, and to do the softmax without a second
+pass over the context. Queries and the output are ``[T, Hq, D]`` rows; the caches are
+``[num_blocks, block_size, Hkv, D]`` (see ``yaie.kernels``), read as 8-byte words
+(``yaie.kernels._numba``: 4 bf16/fp16 values or 2 fp32 values per load, fp32 arithmetic; numba
+has no bfloat16, so a bf16 value is 16 raw bits that become a float32 by ``bits << 16``).
+
+**Who owns what.** Block ``(kv_head, i, part)`` owns decode request ``i``'s KV head ``kv_head``
+over partition ``part`` of its context, and with it *all* ``G = Hq / Hkv`` query heads that share
+that KV head (grouped-query attention): each K/V row is loaded once and used G times, from
+registers. Inside the block, a *token group* of ``LT`` consecutive lanes owns one token at a
+time; lane ``l`` of the group holds words ``l, l + LT, ...`` of the token's ``D``-value row
+(``LT = min(32, words_per_row / 2)``, two words a lane when ``LT < 32``). A warp thus loads whole
+rows (256 contiguous bytes for a bf16 ``D = 128`` head) per instruction. Each iteration, token
+group ``k`` takes the run of ``CHUNK`` consecutive tokens after ``k`` earlier runs: the run lies
+in one cache block (one block-table lookup), and each lane issues all ``2 x CHUNK x
+words_per_lane`` 8-byte loads of its K and V rows before it first needs one (64 KB in flight
+per SM for bf16 ``D = 128``: what it takes to cover device-memory latency at full bandwidth).
+Index arithmetic in the loop is unsigned, which spares numba's negative-index checks.
+
+**The math, per token group (online softmax).** Scores are kept in base 2: ``q`` is pre-scaled
+by ``scale * log2(e)``, so ``softmax`` needs ``exp2``, one fast hardware instruction. A group
+keeps, per query head, a running maximum ``m``, a running sum ``l = sum 2^(s_t - m)`` and an
+unnormalised output ``acc = sum 2^(s_t - m) v_t`` over the tokens it has seen. A chunk with new
+scores ``s_c`` raises the maximum to ``m' = max(m, max_c s_c)``; old terms are rescaled by
+``2^(m - m')`` (``l`` and ``acc`` both; skipped when ``m' = m``, which after the first few
+tokens is nearly always), new ones added with weight ``2^(s_c - m')``. Each score
+is a dot product spread over the group's lanes, summed by an xor-butterfly of warp shuffles, so
+every lane ends with the full score.
+
+**Merging states.** States ``(m_k, l_k, acc_k)`` over disjoint token sets combine into
+``M = max_k m_k``, ``l = sum_k l_k 2^(m_k - M)``, ``acc = sum_k acc_k 2^(m_k - M)``: exactly
+the state of their union. At the end the token groups write their states to shared memory and
+the block's threads, each owning output words of the G heads, merge them: ``out = acc / l``.
+
+**Split-KV ("flash-decoding").** A batch of few requests has too few ``(request, kv_head)``
+pairs to occupy every multiprocessor, and one block walking a 32k-token context alone would
+leave the GPU mostly idle. The context is then cut into partitions of ``part_tokens`` tokens,
+each a block of its own. A partition stores its normalised output ``o_p = acc_p / l_p`` and its
+log-sum-exp ``lse_p = m_p + log2(l_p)`` (fp32). Since ``2^lse_p o_p = sum_{t in p} 2^s_t v_t``,
+the reduction kernel's ``LSE = log2 sum_p 2^lse_p`` gives the exact full-context result
+``out = sum_p 2^(lse_p - LSE) o_p``, computed with ``max_p lse_p`` subtracted for range.
+Partitions past a request's length exit at once and the reduction never reads them.
+
+``yaie.bench.attention_kernels`` measures the kernel against the copy bandwidth and torch SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from yaie.kernels._numba import (
+    F32,
+    KINDS,
+    SIMULATOR,
+    cuda,
+    pack,
+    runs_here,
+    stream_for,
+    unpack,
+    words,
+    words_fit,
+)
+
+WARPS = 4
+"""Warps per decode block: four token groups' worth of loads per SM scheduler."""
+
+CHUNK = 4
+"""Tokens a token group loads per iteration before using any of them."""
+
+MIN_PARTITION = 256
+"""Fewest context tokens worth a partition of their own (below this the merge costs more)."""
+
+BLOCKS_PER_SM = 4
+"""Decode blocks resident per multiprocessor: the bf16, GQA-4, head-dim-128 kernel takes 128
+registers a thread, so four 128-thread blocks fill the 64K-register file."""
+
+_NEG = np.float32(-1.0e30)
+"""Running-maximum start value: finite, so ``2^(m - m')`` of two empty states is 1, not NaN."""
+
+_REDUCE_THREADS = 128
+
+
+# --- sums across a token group's lanes ----------------------------------------------------
+
+if SIMULATOR:
+
+    @cuda.jit(device=True)
+    def group_sum(values, lanes):
+        """Sum every entry of the local array ``values [a, b]`` over each aligned group of
+        ``lanes`` lanes; all lanes get the sums. The simulator has no warp shuffles: this
+        twin exchanges through shared memory, with two barriers for the whole array (every
+        thread of the block must call it)."""
+        scratch = cuda.shared.array((1024, 64), np.float32)
+        tid = cuda.threadIdx.x
+        cols = values.shape[1]
+        for a in range(values.shape[0]):
+            for b in range(cols):
+                scratch[tid, a * cols + b] = values[a, b]
+        cuda.syncthreads()
+        first = tid - tid % lanes
+        for a in range(values.shape[0]):
+            for b in range(cols):
+                total = np.float32(0.0)
+                for other in range(first, first + lanes):
+                    total += scratch[other, a * cols + b]
+                values[a, b] = total
+        cuda.syncthreads()
+
+else:
+
+    @cuda.jit(device=True)
+    def group_sum(values, lanes):
+        """Sum every entry of the local array ``values [a, b]`` over each aligned group of
+        ``lanes`` lanes by an xor butterfly of warp shuffles (log2(lanes) steps an entry);
+        all lanes get the sums."""
+        for a in range(values.shape[0]):
+            for b in range(values.shape[1]):
+                width = lanes // 2
+                while width > 0:
+                    values[a, b] += cuda.shfl_xor_sync(0xFFFFFFFF, values[a, b], width)
+                    width //= 2
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def lane_layout(kind: int, head_dim: int) -> tuple[int, int] | None:
+    """``(lanes per token, words per lane)`` for a head row, or None when unsupported.
+
+    A row of ``head_dim`` values is ``head_dim * itemsize / 8`` words; a token group of
+    ``LT`` lanes (a power of two dividing 32) covers it with ``row_words / LT`` words a lane.
+    """
+    vec = 2 if kind == F32 else 4
+    if head_dim % vec:
+        return None
+    row_words = head_dim // vec
+    lanes = min(32, row_words // 2)
+    if lanes < 1 or 32 % lanes or row_words % lanes:
+        return None
+    return lanes, row_words // lanes
+
+
+def _merge_bytes(kind: int, group: int, head_dim: int) -> int:
+    """Shared memory holding every token group's state at the end of the block."""
+    lanes, _ = lane_layout(kind, head_dim)
+    return WARPS * (32 // lanes) * group * (head_dim + 2) * 4
+
+
+def tokens_per_iteration(kind: int, head_dim: int) -> int:
+    """Context tokens one decode block consumes per loop iteration."""
+    lanes, _ = lane_layout(kind, head_dim)
+    return CHUNK * WARPS * (32 // lanes)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the simulator: a small pretend GPU, so tests exercise both plans
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_partitions(
+    num_decodes: int, num_kv_heads: int, max_seq_len: int, kind: int, head_dim: int,
+    device: torch.device,
+) -> int:
+    """Tokens per partition for a decode batch (``>= max_seq_len``: no split).
+
+    The GPU holds ``slots = BLOCKS_PER_SM x multiprocessors`` blocks at once. With at least
+    half of them taken by ``num_decodes x num_kv_heads`` blocks, splitting only adds a
+    reduction. Otherwise each context is cut so that the blocks make about two full waves
+    (``2 x slots``: a partial last wave would leave SMs idle), in partitions of at least
+    ``MIN_PARTITION`` tokens and a whole number of loop iterations.
+    """
+    pairs = max(1, num_decodes * num_kv_heads)
+    slots = BLOCKS_PER_SM * _num_sms(device)
+    if 2 * pairs > slots:
+        return max(1, max_seq_len)
+    parts = min(2 * slots // pairs, max_seq_len // MIN_PARTITION)
+    if parts <= 1:
+        return max(1, max_seq_len)
+    step = tokens_per_iteration(kind, head_dim)
+    per_part = -(-max_seq_len // parts)
+    return -(-per_part // step) * step
+
+
+# --- kernels ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: bool):
+    """The decode kernel for one storage kind, GQA group size, head dim and block size.
+
+    These are compile-time constants (closure cells, folded by numba): they size the per-lane
+    register arrays and unroll every inner loop. ``split`` chooses the epilogue: write the
+    final output, or this partition's ``(o_p, lse_p)``. ``fastmath`` makes ``exp2`` the bare
+    ``ex2.approx.ftz`` instruction (2 ulp; denormal weights flush to 0, which softmax never
+    misses) instead of a four-instruction range-checked sequence.
+    """
+    lanes, wpl = lane_layout(kind, head_dim)
+    vec = 2 if kind == F32 else 4
+    per_lane = wpl * vec
+    groups_per_warp = 32 // lanes
+    n_groups = WARPS * groups_per_warp
+    chunk = CHUNK
+    step = chunk * n_groups
+    row_words = head_dim // vec
+    threads = WARPS * 32
+
+    @cuda.jit(cache=True, fastmath=True)
+    def kernel(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seq_ids,
+               kv_stride, scale_log2, part_tokens, part_out, part_lse):
+        """out/q: words ``[T, Hq, W]``; caches: flat words (row ``slot * Hkv + kv_head``,
+        ``kv_stride = Hkv * W`` words a slot); part_out ``[n, Hq, P, D]`` and part_lse
+        ``[n, Hq, P]`` fp32 (split only)."""
+        kv_head = cuda.blockIdx.x
+        i = cuda.blockIdx.y
+        part = cuda.blockIdx.z
+        seq = seq_ids[i]
+        seq_len = seq_lens[seq]
+        begin = part * part_tokens
+        if begin >= seq_len:
+            return
+        end = min(seq_len, begin + part_tokens)
+        row = query_start_loc[seq]
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        token_group = warp * groups_per_warp + lane // lanes
+        gl = lane % lanes
+
+        # This lane's slice of the G query rows, pre-scaled into base-2 logits.
+        qf = cuda.local.array((group, per_lane), np.float32)
+        for g in range(group):
+            for j in range(wpl):
+                word = np.uint64(q[row, kv_head * group + g, gl + lanes * j])
+                for e in range(vec):
+                    qf[g, j * vec + e] = unpack(word, e, kind) * scale_log2
+
+        m = cuda.local.array(group, np.float32)
+        lsum = cuda.local.array(group, np.float32)
+        acc = cuda.local.array((group, per_lane), np.float32)
+        for g in range(group):
+            m[g] = _NEG
+            lsum[g] = np.float32(0.0)
+            for e in range(per_lane):
+                acc[g, e] = np.float32(0.0)
+        kw = cuda.local.array((chunk, wpl), np.uint64)
+        vw = cuda.local.array((chunk, wpl), np.uint64)
+        s = cuda.local.array((chunk, group), np.float32)
+        # Hot-loop index arithmetic is unsigned: numba then skips its negative-index
+        # wraparound, and division by the (power-of-two) block size is a shift.
+        table = block_tables[seq]
+        stride = np.uint64(kv_stride)
+        stop = np.uint64(end)
+        bs = np.uint64(block_size)
+        lane_word = np.uint64(kv_head * row_words + gl)
+
+        for base in range(begin, end, step):
+            # This group's run of ``chunk`` consecutive tokens lies in one cache block (``chunk``
+            # divides the block size and partitions start at multiples of it): one block-table
+            # lookup, then rows ``kv_stride`` words apart. All K *and* V words of the run go in
+            # flight at once; V is not needed until the softmax weights are known.
+            t0 = np.uint64(base + token_group * chunk)
+            blk = np.uint64(table[min(t0, stop - np.uint64(1)) // bs])
+            row0 = (blk * bs + t0 % bs) * stride + lane_word
+            for c in range(chunk):
+                at = row0 + np.uint64(c) * stride
+                for j in range(wpl):
+                    if t0 + np.uint64(c) < stop:
+                        kw[c, j] = np.uint64(k_cache[at + np.uint64(lanes * j)])
+                        vw[c, j] = np.uint64(v_cache[at + np.uint64(lanes * j)])
+                    else:
+                        kw[c, j] = np.uint64(0)
+                        vw[c, j] = np.uint64(0)
+            for c in range(chunk):
+                for g in range(group):
+                    dot = np.float32(0.0)
+                    for j in range(wpl):
+                        for e in range(vec):
+                            dot += qf[g, j * vec + e] * unpack(kw[c, j], e, kind)
+                    s[c, g] = dot
+            group_sum(s, lanes)
+            for c in range(chunk):
+                if t0 + np.uint64(c) >= stop:
+                    for g in range(group):
+                        s[c, g] = _NEG
+            # Online softmax: rescale only when the running maximum rises (rarely, once the
+            # first tokens are seen); an unchanged maximum would multiply by 2^0 = 1.
+            for g in range(group):
+                new_m = m[g]
+                for c in range(chunk):
+                    new_m = max(new_m, s[c, g])
+                if new_m > m[g]:
+                    corr = math.exp2(m[g] - new_m)
+                    m[g] = new_m
+                    lsum[g] *= corr
+                    for e in range(per_lane):
+                        acc[g, e] *= corr
+            # Values, weighted by 2^(s - m); masked tokens weigh 0.
+            for c in range(chunk):
+                for g in range(group):
+                    p = np.float32(0.0)
+                    if t0 + np.uint64(c) < stop:
+                        p = math.exp2(s[c, g] - m[g])
+                    lsum[g] += p
+                    for j in range(wpl):
+                        for e in range(vec):
+                            acc[g, j * vec + e] += p * unpack(vw[c, j], e, kind)
+
+        # Merge the token groups' states through shared memory: group k's state is row k.
+        sm_acc = cuda.shared.array((n_groups, group, head_dim), np.float32)
+        sm_ml = cuda.shared.array((n_groups, group, 2), np.float32)
+        for g in range(group):
+            for j in range(wpl):
+                for e in range(vec):
+                    sm_acc[token_group, g, (gl + lanes * j) * vec + e] = acc[g, j * vec + e]
+            if gl == 0:
+                sm_ml[token_group, g, 0] = m[g]
+                sm_ml[token_group, g, 1] = lsum[g]
+        cuda.syncthreads()
+
+        # Epilogue: thread owns output words (g, w) of the G heads.
+        for item in range(tid, group * row_words, threads):
+            g = item // row_words
+            w = item % row_words
+            top = _NEG
+            for k in range(n_groups):
+                top = max(top, sm_ml[k, g, 0])
+            total = np.float32(0.0)
+            for k in range(n_groups):
+                total += sm_ml[k, g, 1] * math.exp2(sm_ml[k, g, 0] - top)
+            word = np.uint64(0)
+            for e in range(vec):
+                d = w * vec + e
+                o = np.float32(0.0)
+                for k in range(n_groups):
+                    o += sm_acc[k, g, d] * math.exp2(sm_ml[k, g, 0] - top)
+                o = o / total
+                if split:
+                    part_out[i, kv_head * group + g, part, d] = o
+                else:
+                    word |= pack(o, e, kind)
+            if split:
+                if w == 0:
+                    part_lse[i, kv_head * group + g, part] = top + math.log2(total)
+            else:
+                out[row, kv_head * group + g, w] = word
+
+    return kernel
+
+
+@cuda.jit(device=True)
+def _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
+                       part_tokens, kind):
+    """Block ``(h, i)`` combines decode ``i``'s partitions for query head ``h``.
+
+    Every thread reads the (few) ``lse_p`` to form the weights ``2^(lse_p - max)``; thread
+    ``t`` then owns output words ``t, t + blockDim, ...``, reading the partitions' ``o_p``
+    values for its dims (consecutive threads, consecutive addresses).
+    """
+    h = cuda.blockIdx.x
+    i = cuda.blockIdx.y
+    seq = seq_ids[i]
+    n_parts = (seq_lens[seq] + part_tokens - 1) // part_tokens
+    row = query_start_loc[seq]
+    vec = 2 if kind == F32 else 4
+    top = _NEG
+    for p in range(n_parts):
+        top = max(top, part_lse[i, h, p])
+    total = np.float32(0.0)
+    for p in range(n_parts):
+        total += math.exp2(part_lse[i, h, p] - top)
+    for w in range(cuda.threadIdx.x, out.shape[2], cuda.blockDim.x):
+        word = np.uint64(0)
+        for e in range(vec):
+            o = np.float32(0.0)
+            for p in range(n_parts):
+                o += math.exp2(part_lse[i, h, p] - top) * part_out[i, h, p, w * vec + e]
+            word |= pack(o / total, e, kind)
+        out[row, h, w] = word
+
+
+@cuda.jit(cache=True)
+def reduce_partitions_f32(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
+                          part_tokens):
+    _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
+                       part_tokens, 0)
+
+
+@cuda.jit(cache=True)
+def reduce_partitions_bf16(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
+                           part_tokens):
+    _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
+                       part_tokens, 1)
+
+
+@cuda.jit(cache=True)
+def reduce_partitions_f16(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
+                          part_tokens):
+    _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
+                       part_tokens, 2)
+
+
+REDUCE_KERNELS = {0: reduce_partitions_f32, 1: reduce_partitions_bf16, 2: reduce_partitions_f16}
+
+
+# --- launch -----------------------------------------------------------------------------------
+
+
+def _array(t: torch.Tensor):
+    """A tensor as a numba array without copying: device array view, or numpy in the simulator."""
+    return cuda.as_cuda_array(t) if t.is_cuda else t.numpy()
+
+
+def decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the numba decode kernel handles these operands where they live."""
+    kind = KINDS.get(q.dtype)
+    return (
+        kind is not None
+        and runs_here(q)
+        and k_cache.dtype == q.dtype == v_cache.dtype
+        and k_cache.shape == v_cache.shape
+        and q.shape[1] % k_cache.shape[2] == 0
+        and lane_layout(kind, q.shape[2]) is not None
+        and _merge_bytes(kind, q.shape[1] // k_cache.shape[2], q.shape[2]) <= 48 * 1024
+        and k_cache.shape[1] % CHUNK == 0
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and words_fit(q)
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_ids: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+    part_tokens: int | None = None,
+) -> None:
+    """Write ``out[query_start_loc[s]]`` for every decode request ``s`` in ``seq_ids``.
+
+    ``q, out [T, Hq, D]`` (``out`` contiguous), caches ``[num_blocks, block_size, Hkv, D]``,
+    ``block_tables [num_seqs, max_blocks]``, ``seq_lens``, ``query_start_loc``, ``seq_ids``:
+    int32 on ``q``'s device. ``max_seq_len`` bounds every decode's context.
+    ``part_tokens`` fixes the split-KV partition size (``None``: ``plan_partitions``; a value
+    ``>= max_seq_len``: one partition, no reduction; rounded up to a multiple of ``CHUNK``);
+    fix it when capturing a CUDA graph, so the grid does not depend on the step.
+    """
+    num_decodes = seq_ids.shape[0]
+    if num_decodes == 0 or max_seq_len == 0:
+        return
+    kind = KINDS[q.dtype]
+    num_kv_heads, block_size, head_dim = k_cache.shape[2], k_cache.shape[1], q.shape[2]
+    group = q.shape[1] // num_kv_heads
+    if part_tokens is None:
+        part_tokens = plan_partitions(
+            num_decodes, num_kv_heads, max_seq_len, kind, head_dim, q.device
+        )
+    part_tokens = -(-part_tokens // CHUNK) * CHUNK
+    parts = -(-max_seq_len // part_tokens)
+    split = parts > 1
+    stream = stream_for(q)
+    scale_log2 = np.float32(scale * math.log2(math.e))
+    if split:
+        part_out = torch.empty(num_decodes, q.shape[1], parts, head_dim, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(num_decodes, q.shape[1], parts, dtype=torch.float32,
+                               device=q.device)
+    else:  # unused by the single-partition kernel, which still needs arrays of the right rank
+        part_out = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
+    ints = [_array(t) for t in (block_tables, seq_lens, query_start_loc, seq_ids)]
+    kernel = decode_kernel(kind, group, head_dim, block_size, split)
+    kv_stride = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size() // 8
+    kernel[(num_kv_heads, num_decodes, parts), WARPS * 32, stream](
+        words(out), words(q), words(k_cache.view(-1)), words(v_cache.view(-1)), *ints,
+        np.int64(kv_stride), scale_log2, np.int32(part_tokens), _array(part_out),
+        _array(part_lse),
+    )
+    if split:
+        REDUCE_KERNELS[kind][(q.shape[1], num_decodes), _REDUCE_THREADS, stream](
+            words(out), _array(part_out), _array(part_lse), *ints[1:], np.int32(part_tokens)
+        )

@@ -1,0 +1,340 @@
+"""The numba attention kernels (paged decode, paged prefill, FlashAttention fwd/bwd, block copy)
+against the torch references.
+
+Runs the way ``test_numba_elementwise.py`` does: under plain ``pytest``,
+``test_attention_kernels_in_cuda_simulator`` re-runs this module in a subprocess with
+``NUMBA_ENABLE_CUDASIM=1``, where the ``sim`` tests run the kernels in numba's CUDA simulator on
+CPU tensors at tiny sizes; ``pytest -m gpu`` on a CUDA machine runs the ``gpu`` tests at
+Llama-3-8B sizes (32 query / 8 KV heads of 128, bf16) and the engine's dispatch.
+
+Every check draws fresh random inputs, fills the cache's unused blocks with random stale
+values, poisons the output with NaN so an unwritten element fails, and compares with the torch
+reference run in float64 by ‖out − ref‖ / ‖ref‖.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from yaie.kernels._numba import BF16, F32
+from yaie.model.attention import AttentionMetadata
+
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+attention_mod = importlib.import_module("yaie.kernels.attention")
+decode_mod = importlib.import_module("yaie.kernels.decode_attention")
+prefill_mod = importlib.import_module("yaie.kernels.prefill_attention")
+flash_mod = importlib.import_module("yaie.kernels.flash_attention")
+copy_mod = importlib.import_module("yaie.kernels.block_copy")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+sim = pytest.mark.skipif(
+    not SIMULATED,
+    reason="runs in the CUDA-simulator subprocess (test_attention_kernels_in_cuda_simulator)",
+)
+
+
+def gpu(fn):
+    """``@pytest.mark.gpu``, skipped where there is no CUDA GPU (or inside the simulator)."""
+    no_gpu = SIMULATED or not torch.cuda.is_available()
+    return pytest.mark.gpu(pytest.mark.skipif(no_gpu, reason="needs a CUDA GPU")(fn))
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "an output element was left unwritten (still NaN)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    err = _rel_err(out, ref)
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e} for {dtype}"
+
+
+# --- a paged batch and its float64 reference ----------------------------------------------------
+
+
+class Batch:
+    """A ragged batch over a shuffled paged cache: ``requests`` are (cached prefix, new tokens).
+
+    The K/V of every context position is in the cache (as after ``write_kv``); free blocks hold
+    random stale values. ``meta`` is built on the kernels' device, ``ref`` is the torch
+    reference's output computed in float64 on the CPU.
+    """
+
+    def __init__(
+        self,
+        requests: list[tuple[int, int]],
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str,
+        seed: int = 0,
+    ) -> None:
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        needed = [-(-(p + n) // block_size) for p, n in requests]
+        num_blocks = sum(needed) + 3
+        free = list(range(num_blocks))
+        rng.shuffle(free)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.k_cache = torch.randn(shape, device=device).to(dtype)
+        self.v_cache = torch.randn(shape, device=device).to(dtype)
+        query_start_loc, seq_lens, tables, slots = [0], [], [], []
+        for (prefix, new), nb in zip(requests, needed):
+            table = [free.pop() for _ in range(nb)]
+            tables.append(table)
+            seq_lens.append(prefix + new)
+            query_start_loc.append(query_start_loc[-1] + new)
+            slots += [table[p // block_size] * block_size + p % block_size
+                      for p in range(prefix, prefix + new)]
+        # The q heads as a strided slice of a fused QKV output, as the model has them.
+        qkv = torch.randn(query_start_loc[-1], heads + 2 * kv_heads, head_dim, device=device)
+        self.q = qkv.to(dtype)[:, :heads]
+        args = (query_start_loc, seq_lens, tables, slots, block_size)
+        self.meta = AttentionMetadata.build(*args, device)
+        self.cpu_meta = AttentionMetadata.build(*args, "cpu")
+        self.scale = head_dim**-0.5
+        self.ref = self.reference()
+
+    def reference(self) -> torch.Tensor:
+        """The torch reference on the current q and caches, in float64 on the CPU."""
+        return attention_mod.paged_attention_reference(
+            self.q.double().cpu(), self.k_cache.double().cpu(), self.v_cache.double().cpu(),
+            self.cpu_meta, self.scale,
+        )
+
+    def poisoned(self) -> torch.Tensor:
+        return torch.full(self.q.shape, float("nan"), dtype=self.q.dtype, device=self.q.device)
+
+    def decode(self, out: torch.Tensor, part_tokens: int | None) -> None:
+        m = self.meta
+        decode_mod.paged_decode_attention(
+            self.q, self.k_cache, self.v_cache, out, m.block_tables, m.seq_lens,
+            m.query_start_loc, m.decode_ids, m.max_seq_len, self.scale, part_tokens,
+        )
+
+    def prefill(self, out: torch.Tensor) -> None:
+        m = self.meta
+        prefill_mod.paged_prefill_attention(
+            self.q, self.k_cache, self.v_cache, out, m.block_tables, m.seq_lens,
+            m.query_start_loc, m.prefill_ids, m.max_query_len, self.scale,
+        )
+
+
+def check_decode(batch: Batch, part_tokens: int | None) -> None:
+    out = batch.poisoned()
+    batch.decode(out, part_tokens)
+    _check(out.cpu(), batch.ref, batch.q.dtype)
+
+
+def check_mixed(batch: Batch) -> None:
+    """Decode and prefill kernels together cover every row of a mixed batch."""
+    out = batch.poisoned()
+    batch.decode(out, None)
+    batch.prefill(out)
+    _check(out.cpu(), batch.ref, batch.q.dtype)
+
+
+def check_flash(batch: int, heads: int, length: int, head_dim: int, causal: bool,
+                device: str) -> None:
+    """Forward output and all three gradients against autograd of the float64 reference."""
+    torch.manual_seed(length)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device=device) for _ in range(3))
+    grad = torch.randn(batch, heads, length, head_dim, device=device)
+    ref_inputs = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+    ref = flash_mod.attention_reference(*ref_inputs, causal, head_dim**-0.5)
+    ref.backward(grad.double().cpu())
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = flash_mod.flash_attention(*inputs, causal=causal)
+    out.backward(grad)
+    _check(out.detach().cpu(), ref.detach(), torch.float32)
+    for got, want in zip(inputs, ref_inputs):
+        _check(got.grad.cpu(), want.grad, torch.float32)
+
+
+def check_copy_blocks(shape: tuple[int, ...], pairs: int, dtype: torch.dtype, device: str) -> None:
+    cache = torch.randn(shape, device=device).to(dtype)
+    perm = torch.randperm(shape[0], device=device)
+    src, dst = perm[:pairs], perm[pairs : 2 * pairs]
+    expected = cache.clone()
+    copy_mod.copy_blocks_reference(expected, src, dst)
+    copy_mod.copy_blocks_numba(cache, src, dst)
+    assert torch.equal(cache, expected)
+
+
+# --- CUDA simulator (CI): tiny sizes -------------------------------------------------------------
+
+
+def test_attention_kernels_in_cuda_simulator() -> None:
+    """Run this module's ``sim`` tests in a fresh interpreter with the simulator switched on."""
+    if SIMULATED:
+        pytest.skip("already running in the simulator")
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+@sim
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads", "block_size", "part_tokens"),
+    [
+        (torch.float32, 2, 2, 16, None),  # GQA 1, one partition
+        (torch.bfloat16, 4, 1, 32, 32),  # GQA 4, split-KV into 32-token partitions
+        (torch.float16, 4, 1, 16, 64),  # fp16, split-KV, a partition spanning blocks
+    ],
+)
+def test_sim_decode(
+    dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, part_tokens: int | None
+) -> None:
+    # Contexts of 38, 6 and 71 tokens: none a multiple of the block size.
+    batch = Batch([(37, 1), (5, 1), (70, 1)], heads, kv_heads, 64, block_size, dtype, "cpu")
+    check_decode(batch, part_tokens)
+
+
+@sim
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads", "block_size"),
+    [(torch.float32, 2, 2, 16), (torch.bfloat16, 4, 1, 32)],
+)
+def test_sim_mixed_prefill_and_decode(
+    dtype: torch.dtype, heads: int, kv_heads: int, block_size: int
+) -> None:
+    # A fresh prompt, a decode, and a chunk over a cached prefix spanning blocks.
+    batch = Batch([(0, 9), (20, 1), (21, 12)], heads, kv_heads, 64, block_size, dtype, "cpu")
+    check_mixed(batch)
+
+
+@sim
+def test_sim_flash_attention_forward_and_backward() -> None:
+    check_flash(1, 1, 37, 32, causal=True, device="cpu")
+
+
+@sim
+def test_sim_copy_blocks() -> None:
+    check_copy_blocks((6, 16, 2, 8), 2, torch.bfloat16, "cpu")
+
+
+def test_partition_plan_splits_only_small_batches() -> None:
+    cpu = torch.device("cpu")  # the simulator's pretend GPU of 8 multiprocessors
+    assert decode_mod.plan_partitions(64, 8, 4096, BF16, 128, cpu) >= 4096
+    part = decode_mod.plan_partitions(1, 1, 4096, BF16, 128, cpu)
+    assert part == 256 and part % decode_mod.tokens_per_iteration(BF16, 128) == 0
+    # Never partitions shorter than MIN_PARTITION, whatever the occupancy wants.
+    assert decode_mod.plan_partitions(1, 1, 300, F32, 64, cpu) >= 300
+
+
+def test_cpu_tensors_take_the_reference_path() -> None:
+    batch = Batch([(5, 1), (0, 4)], 4, 2, 16, 16, torch.float32, "cpu")
+    out = attention_mod.paged_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.meta, batch.scale
+    )
+    assert _rel_err(out, batch.ref) < 1e-5
+
+
+# --- GPU: Llama-3-8B sizes -----------------------------------------------------------------------
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def _long_decodes(n: int, longest: int, seed: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    return [(rng.randint(1, longest), 1) for _ in range(n)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("part_tokens", [None, 512, 1 << 20], ids=["auto", "split", "whole"])
+def test_gpu_decode(dtype: torch.dtype, part_tokens: int | None) -> None:
+    batch = Batch(_long_decodes(12, 4100, 1), HEADS, KV_HEADS, HEAD_DIM, 16, dtype, "cuda")
+    check_decode(batch, part_tokens)
+
+
+@gpu
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"),
+                         [(9, 3, 64, 32), (8, 8, 128, 16), (32, 4, 128, 16)])
+def test_gpu_decode_other_shapes(heads: int, kv_heads: int, head_dim: int,
+                                 block_size: int) -> None:
+    """SmolLM2's 9/3 heads of 64, plain multi-head, and GQA 8."""
+    batch = Batch(_long_decodes(5, 3000, 2), heads, kv_heads, head_dim, block_size,
+                  torch.bfloat16, "cuda")
+    check_decode(batch, None)
+
+
+@gpu
+def test_gpu_decode_long_context_split() -> None:
+    batch = Batch([(32767, 1), (20000, 1)], HEADS, KV_HEADS, HEAD_DIM, 16, torch.bfloat16, "cuda")
+    check_decode(batch, None)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_mixed_prefill_and_decode(dtype: torch.dtype) -> None:
+    requests = [(0, 700), (1000, 77), (45, 1), (3000, 1), (17, 300), (0, 1)]
+    check_mixed(Batch(requests, HEADS, KV_HEADS, HEAD_DIM, 16, dtype, "cuda"))
+    check_mixed(Batch(requests, 9, 3, 64, 32, dtype, "cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_gpu_paged_attention_dispatch(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's entry point on CUDA: numba decodes, either prefill backend, one output."""
+    monkeypatch.setattr(attention_mod, "PREFILL_BACKEND", backend)
+    batch = Batch([(0, 33), (100, 1), (64, 20), (5, 1)], HEADS, KV_HEADS, HEAD_DIM, 16,
+                  torch.bfloat16, "cuda")
+    out = attention_mod.paged_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.meta, batch.scale
+    )
+    _check(out.cpu(), batch.ref, torch.bfloat16)
+
+
+@gpu
+def test_gpu_decode_replays_in_a_cuda_graph() -> None:
+    """With a fixed partition size, a decode step captures into a graph and replays right on
+    new queries and cache contents copied into the captured buffers."""
+    batch = Batch(_long_decodes(8, 2000, 3), HEADS, KV_HEADS, HEAD_DIM, 16, torch.bfloat16,
+                  "cuda")
+    out = batch.poisoned()
+    batch.decode(out, 256)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        batch.decode(out, 256)
+    batch.q.copy_(torch.randn_like(batch.q))
+    batch.k_cache.copy_(torch.randn_like(batch.k_cache))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out.cpu(), batch.reference(), torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_flash_attention_forward_and_backward(causal: bool) -> None:
+    check_flash(2, 4, 300, HEAD_DIM, causal, "cuda")
+
+
+@gpu
+def test_gpu_copy_blocks() -> None:
+    check_copy_blocks((512, 16, KV_HEADS, HEAD_DIM), 100, torch.bfloat16, "cuda")
+    cache = torch.randn(64, 16, 2, 64, device="cuda")
+    k_before = cache.clone()
+    copy_mod.copy_blocks([cache], torch.tensor([3], device="cuda"),
+                         torch.tensor([9], device="cuda"))
+    assert torch.equal(cache[9], k_before[3]) and torch.equal(cache[:9], k_before[:9])
