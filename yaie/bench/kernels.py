@@ -187,3 +187,7 @@ def run(tokens: int = 4096, iters: int = 100) -> None:
             f"{r.copy_us:>8.1f} "
             f"{r.torch_us:>9.1f} {r.gbps(r.torch_us):>6.0f} {r.torch_us / r.yaie_us:>7.1f}x"
         )
+    from yaie.bench.attention_kernels import bench_rows, format_rows
+
+    print()
+    print(format_rows(bench_rows(copy)))
