@@ -8,6 +8,7 @@ import sys
 import time
 
 from yaie.args import EngineArgs
+from yaie.simulator.cli import add_parser as add_simulator_parsers
 
 
 def _bench_core(args: argparse.Namespace) -> None:
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--num-requests", type=int, default=64)
     EngineArgs.add_cli_args(thr)
     thr.set_defaults(func=_bench_model)
+    add_simulator_parsers(sub)
     return parser
 
 

@@ -210,39 +210,49 @@ class LLMEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         sampled = iter(result.sampled_token_ids)
         logprobs = iter(result.logprobs) if result.logprobs is not None else None
-        streams = self._streams
+        streams, origin = self._streams, self._origin
+        kv, scheduler = self.kv, self.scheduler
+        bs = kv.block_size
+        finished = RequestStatus.FINISHED
+        generated = 0
+        # The simulator runs this loop once per request per step, millions of times: it calls
+        # out only when there is work — the radix tree only when a step completed a block
+        # (cache_computed is a no-op otherwise), the in-flight prefix table only for steps that
+        # computed prompt tokens (only those can finish advertising one).
         for req, sreq in zip(self._inflight, batch.requests):
             token = next(sampled) if sreq.samples else None
-            lp = next(logprobs) if (sreq.samples and logprobs is not None) else None
-            if req.is_finished:  # aborted while the step ran
+            lp = next(logprobs) if (logprobs is not None and token is not None) else None
+            if req.status is finished:  # aborted while the step ran
                 continue
-            req.num_computed_tokens += sreq.num_new_tokens
-            self.kv.cache_computed(req, now)
-            self.scheduler.on_step_done(req)
+            done = req.num_computed_tokens
+            req.num_computed_tokens = computed = done + sreq.num_new_tokens
+            if computed // bs != done // bs:
+                kv.cache_computed(req, now)
+            if done < len(req.prompt_token_ids):
+                scheduler.on_step_done(req)
             if token is None:
                 continue
             req.output_token_ids.append(token)
-            req.times.token_times.append(now)
-            if req.times.first_token is None:
-                req.times.first_token = now
-            self.num_generated_tokens += 1
-            stream = streams.get(req.request_id)
+            times = req.times
+            times.token_times.append(now)
+            if times.first_token is None:
+                times.first_token = now
+            generated += 1
+            stream = streams.get(req.request_id) if streams else None
             text = stream.step(token) if stream is not None else ""
             reason = self._stop_reason(req, token, stream)
-            parent, index = self._origin.get(req.request_id, (req.request_id, 0))
+            rid = req.request_id
+            parent, index = origin[rid] if origin and rid in origin else (rid, 0)
+            # positional: keyword arguments cost a third more, once per generated token
             out = RequestOutput(
-                req.request_id,
-                [token],
-                text,
-                logprobs=None if lp is None else [lp],
-                parent_id=parent,
-                index=index,
+                rid, [token], text, False, None, None, None if lp is None else [lp], parent, index
             )
             if reason is not None:
                 final = self._finish(req, reason, now)
                 out.text += final.text
                 out.finished, out.finish_reason, out.metrics = True, reason, final.metrics
             outputs.append(out)
+        self.num_generated_tokens += generated
         self._record_step(batch, now, result)
         self._inflight = []
         return outputs
@@ -265,9 +275,10 @@ class LLMEngine:
             return FinishReason.STOP
         if stream is not None and stream.stopped:
             return FinishReason.STOP
-        if p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+        num_output = len(req.output_token_ids)
+        if p.max_tokens is not None and num_output >= p.max_tokens:
             return FinishReason.LENGTH
-        if req.num_tokens >= self.config.scheduler.max_model_len:
+        if len(req.prompt_token_ids) + num_output >= self.config.scheduler.max_model_len:
             return FinishReason.LENGTH
         return None
 
@@ -307,19 +318,20 @@ class LLMEngine:
         self.num_steps += 1
         start = self._step_start
         end = start + result.duration if result.duration is not None else now
+        sched, kv = self.scheduler, self.kv
         self.steps.append(
-            StepStats(
-                step_id=batch.step_id,
-                start=start,
-                end=end,
-                num_requests=len(batch.requests),
-                num_prefill_tokens=batch.num_prefill_tokens,
-                num_decode_tokens=batch.num_decode_tokens,
-                num_running=len(self.scheduler.running),
-                num_waiting=len(self.scheduler.waiting),
-                blocks_free=self.kv.pool.num_free,
-                blocks_cached=self.kv.radix.num_cached_blocks,
-                num_preemptions=self.scheduler.num_preemptions - self._preemptions_before,
+            StepStats(  # in field order: positional is cheaper, and this runs every step
+                batch.step_id,
+                start,
+                end,
+                len(batch.requests),
+                batch.num_prefill_tokens,
+                batch.num_decode_tokens,
+                len(sched.running),
+                len(sched.waiting),
+                kv.pool.num_free,
+                kv.radix.num_cached_blocks,
+                sched.num_preemptions - self._preemptions_before,
             )
         )
 

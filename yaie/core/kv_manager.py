@@ -59,7 +59,7 @@ class KVCacheManager:
         """
         assert not req.block_ids, "admitting a request that still holds blocks"
         if self.enable_prefix_caching:
-            tokens = req.all_token_ids[: req.num_tokens - 1]
+            tokens = req.token_slice(0, req.num_tokens - 1)
             blocks, node = self.radix.match_prefix(tokens, now)
             self.pool.incref(blocks)
             self.radix.lock(node)
@@ -98,7 +98,7 @@ class KVCacheManager:
             return
         bs = self.block_size
         start = state.num_blocks
-        tokens = req.all_token_ids[start * bs : full * bs]
+        tokens = req.token_slice(start * bs, full * bs)
         own = req.block_ids[start:full]
         node, held = self.radix.insert(state.node, tokens, own, now)
         if held != own:
@@ -106,8 +106,7 @@ class KVCacheManager:
             self.pool.incref([h for b, h in zip(own, held) if b != h])
             self.pool.decref(dup)
             req.block_ids[start:full] = held
-        self.radix.lock(node)
-        self.radix.unlock(state.node)
+        self.radix.move_lock(state.node, node)  # node is below state.node: it extends that path
         state.node = node
         state.num_blocks = full
 

@@ -131,6 +131,15 @@ class RadixCache:
             node.lock_ref += 1
             node = node.parent
 
+    def move_lock(self, old: RadixNode, new: RadixNode) -> None:
+        """``lock(new)`` then ``unlock(old)`` for ``new`` strictly below ``old``: only the nodes
+        from ``new`` up to ``old`` change, so a request growing its cached path one block at a
+        time pays for the new nodes, not for the whole path to the root every time. ``old``
+        keeps a child, so it is no eviction candidate and needs no touch."""
+        while new is not old:
+            new.lock_ref += 1
+            new = new.parent
+
     def unlock(self, node: RadixNode) -> None:
         start = node
         while node is not None:
@@ -224,8 +233,10 @@ class RadixCache:
         first block is the child's key)."""
         bs = self.block_size
         edge = child.tokens
-        n = 1
         limit = min(len(child.blocks), (len(tokens) - pos) // bs)
+        if edge[bs : limit * bs] == tokens[pos + bs : pos + limit * bs]:
+            return limit  # the usual case, one comparison in C: the whole edge matches
+        n = 1
         while n < limit and edge[n * bs : (n + 1) * bs] == tokens[pos + n * bs : pos + (n + 1) * bs]:
             n += 1
         return n

@@ -11,6 +11,7 @@ it is recomputed later, usually from that very cache.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class Scheduler:
         # a newcomer with the same prefix waits for them instead of computing them again.
         self._pending_blocks: dict[int, Request] = {}
         self._pending_keys: dict[str, list[int]] = {}
+        self._prompt_hashes: dict[str, list[int]] = {}  # request id → _prompt_block_hashes
 
     # ------------------------------------------------------------ queue
 
@@ -64,6 +66,7 @@ class Scheduler:
             self._forget_pending(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self._prompt_hashes.pop(req.request_id, None)
         self.kv.release(req)
 
     @property
@@ -81,26 +84,33 @@ class Scheduler:
         decodes, prefills = [], []
         for r in self.running:
             left = len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens
-            (decodes if left == 1 else prefills).append((r, left))
+            if left == 1:
+                decodes.append(r)
+            else:
+                prefills.append((r, left))
         preempted = False
-        for req, left in decodes + prefills:
+        bs = self.kv.block_size
+        running = RequestStatus.RUNNING
+        for req, left in itertools.chain(zip(decodes, itertools.repeat(1)), prefills):
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+            if req.status is not running:  # preempted earlier in this loop
                 continue
-            n = min(left, budget)
-            while not self.kv.allocate(req, n):
-                victim = self._pick_victim(req)
-                if victim is None:  # cannot happen for requests that passed admission
-                    raise RuntimeError(f"KV cache cannot hold request {req.request_id} alone")
-                budget += chosen.pop(victim, 0)
-                self._preempt(victim)
-                preempted = True
+            n = left if left < budget else budget
+            # Most steps fit in the blocks a request already has: skip the allocator then.
+            if req.num_computed_tokens + n > len(req.block_ids) * bs:
+                while not self.kv.allocate(req, n):
+                    victim = self._pick_victim(req)
+                    if victim is None:  # cannot happen for requests that passed admission
+                        raise RuntimeError(f"KV cache cannot hold request {req.request_id} alone")
+                    budget += chosen.pop(victim, 0)
+                    self._preempt(victim)
+                    preempted = True
             chosen[req] = n
             budget -= n
 
         # Admitting while preempting would only evict the newcomers' blocks again.
-        if not preempted:
+        if not preempted and self.waiting:
             self._admit(now, budget, chosen)
         return self._build_batch(chosen), list(chosen)
 
@@ -159,13 +169,18 @@ class Scheduler:
 
     # ------------------------------------------------------------ in-flight prefixes
 
-    def _block_hashes(self, req: Request, num_blocks: int) -> list[int]:
-        bs = self.kv.block_size
-        tokens = req.prompt_token_ids
-        hashes, h = [], 0
-        for i in range(num_blocks):
-            h = hash((h, tuple(tokens[i * bs : (i + 1) * bs])))
-            hashes.append(h)
+    def _prompt_block_hashes(self, req: Request) -> list[int]:
+        """Chained hashes of the prompt's full blocks. Computed once per request: a request
+        waiting for room is checked again every step, and long prompts have thousands of blocks."""
+        hashes = self._prompt_hashes.get(req.request_id)
+        if hashes is None:
+            bs = self.kv.block_size
+            tokens = req.prompt_token_ids
+            hashes, h = [], 0
+            for i in range(len(tokens) // bs):
+                h = hash((h, tuple(tokens[i * bs : (i + 1) * bs])))
+                hashes.append(h)
+            self._prompt_hashes[req.request_id] = hashes
         return hashes
 
     def _register_pending(self, req: Request) -> None:
@@ -175,7 +190,8 @@ class Scheduler:
         first = req.num_computed_tokens // bs
         full = req.num_prompt_tokens // bs
         if full > first:
-            keys = [h for h in self._block_hashes(req, full)[first:] if h not in self._pending_blocks]
+            pending = self._pending_blocks
+            keys = [h for h in self._prompt_block_hashes(req)[first:] if h not in pending]
             for h in keys:
                 self._pending_blocks[h] = req
             self._pending_keys[req.request_id] = keys
@@ -192,7 +208,7 @@ class Scheduler:
         nxt = req.num_computed_tokens // bs
         if (nxt + 1) * bs > req.num_prompt_tokens:
             return False
-        owner = self._pending_blocks.get(self._block_hashes(req, nxt + 1)[-1])
+        owner = self._pending_blocks.get(self._prompt_block_hashes(req)[nxt])
         return owner is not None and owner is not req and owner.num_computed_tokens < (nxt + 1) * bs
 
     def on_step_done(self, req: Request) -> None:
@@ -205,40 +221,48 @@ class Scheduler:
     def _build_batch(self, chosen: dict[Request, int]) -> ScheduledBatch:
         self._step_id += 1
         bs = self.kv.block_size
-        batch = ScheduledBatch(step_id=self._step_id, block_size=bs)
+        # All fields positionally, fresh lists: cheaper than the default factories, every step.
+        batch = ScheduledBatch(self._step_id, bs, [], [], [], [], [0], [], [], [])
+        # Bound methods and a running count: this loop runs once per request per step.
         token_ids, positions, slots = batch.token_ids, batch.positions, batch.slot_mapping
-        qsl = batch.query_start_loc
+        add_token, add_position, add_slot = token_ids.append, positions.append, slots.append
+        add_qsl, add_seq_len = batch.query_start_loc.append, batch.seq_lens.append
+        add_table, add_sample = batch.block_tables.append, batch.sample_indices.append
+        add_request = batch.requests.append
+        num_tokens = num_decode = 0
         for req, n in chosen.items():
             start = req.num_computed_tokens
             end = start + n
-            num_prompt = len(req.prompt_token_ids)
-            samples = end == num_prompt + len(req.output_token_ids)
+            prompt, out = req.prompt_token_ids, req.output_token_ids
+            num_prompt = len(prompt)
             table = req.block_ids
             if n == 1:
-                out = req.output_token_ids
-                token_ids.append(out[start - num_prompt] if start >= num_prompt else req.prompt_token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-                batch.num_decode_tokens += 1
+                add_token(out[start - num_prompt] if start >= num_prompt else prompt[start])
+                add_position(start)
+                add_slot(table[start // bs] * bs + start % bs)
+                num_decode += 1
             else:
-                token_ids.extend(req.all_token_ids[start:end])
+                token_ids.extend(req.token_slice(start, end))
                 positions.extend(range(start, end))
-                slots.extend([table[p // bs] * bs + p % bs for p in range(start, end)])
-                batch.num_prefill_tokens += n
-            qsl.append(len(token_ids))
-            batch.seq_lens.append(end)
-            batch.block_tables.append(table)
+                pos = start
+                while pos < end:  # one run of consecutive slots per block
+                    block, offset = divmod(pos, bs)
+                    run = min(end - pos, bs - offset)
+                    first = table[block] * bs + offset
+                    slots.extend(range(first, first + run))
+                    pos += run
+            num_tokens += n
+            add_qsl(num_tokens)
+            add_seq_len(end)
+            add_table(table)
+            samples = end == num_prompt + len(out)
             if samples:
-                batch.sample_indices.append(len(token_ids) - 1)
-            batch.requests.append(
+                add_sample(num_tokens - 1)
+            add_request(
                 ScheduledRequest(
-                    req.request_id,
-                    start,
-                    n,
-                    samples,
-                    req.sampling_params,
-                    req.prompt_token_ids,
-                    req.output_token_ids,
+                    req.request_id, start, n, samples, req.sampling_params, prompt, out
                 )
             )
+        batch.num_decode_tokens = num_decode
+        batch.num_prefill_tokens = num_tokens - num_decode
         return batch
