@@ -190,9 +190,9 @@ def run_simulate(args: argparse.Namespace) -> None:
     loaded = time.perf_counter()
     if not trace.requests:
         raise ValueError(f"{args.trace}: no requests left to simulate")
-    num_blocks = args.num_blocks or num_kv_blocks(model, hw, args.block_size)
-    if num_blocks < 1:
+    if args.num_blocks is not None and args.num_blocks < 1:
         raise ValueError("--num-blocks must be >= 1")
+    num_blocks = args.num_blocks or num_kv_blocks(model, hw, args.block_size)
     max_model_len = args.max_model_len or model.max_position_embeddings
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

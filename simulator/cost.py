@@ -178,6 +178,7 @@ class RooflineCostModel:
         self._head_flops_row = 2 * h * v
         self._logit_bytes_row = 4 * v  # fp32 logits
         self._overhead = hw.step_overhead
+        self._linear_time: dict[int, float] = {}
 
     def step_time(self, batch: ScheduledBatch) -> float:
         return sum(self._parts(batch))
@@ -189,9 +190,12 @@ class RooflineCostModel:
     def _parts(self, batch: ScheduledBatch) -> tuple[float, ...]:
         peak, bw = self._peak, self._bw
         tokens = len(batch.token_ids)
-        linear = 0.0
-        for weights, flops_tok, act_tok in self._linears:
-            linear += max(tokens * flops_tok / peak, (weights + tokens * act_tok) / bw)
+        linear = self._linear_time.get(tokens)
+        if linear is None:  # depends on the token count alone: computed once per count
+            linear = self._linear_time[tokens] = sum(
+                max(tokens * flops_tok / peak, (weights + tokens * act_tok) / bw)
+                for weights, flops_tok, act_tok in self._linears
+            )
 
         pair, kv_tok, qo_tok = self._attn_flops_pair, self._kv_bytes_token, self._qo_bytes_token
         if batch.num_prefill_tokens == 0:
@@ -223,9 +227,7 @@ class RooflineCostModel:
                 rows * self._head_flops_row / peak,
                 (self._head_weight_bytes + rows * self._logit_bytes_row) / bw,
             )
-            sampling = (
-                3 * rows * self._logit_bytes_row / bw
-            )  # softmax + top-k/p passes over the logits
+            sampling = 3 * rows * self._logit_bytes_row / bw  # softmax, top-k/p passes
         else:
             lm_head = sampling = 0.0
         return linear, prefill, decode, elementwise, lm_head, sampling, self._overhead

@@ -161,6 +161,8 @@ class Replica:
         self._on_finish = on_finish
         self._sizes: dict[str, tuple[int, int]] = {}
         self._wake: simpy.Event | None = None
+        self._batches = 0  # batches scheduled
+        self._cached_only = ((-1, -1), 0)  # (as of (batches, steps), blocks only in the tree)
         env.process(self._loop())
 
     def add(
@@ -192,6 +194,7 @@ class Replica:
                 yield self._wake
                 self._wake = None
                 continue
+            self._batches += 1
             result = executor.execute(batch)
             yield env.timeout(result.duration)
             live = len(requests)
@@ -213,10 +216,14 @@ class Replica:
         kv = engine.kv
         refs = kv.pool.ref_counts
         free = kv.pool.num_free
-        # A cached block used by a request has a second reference; one held only by the tree has
-        # exactly one. So tree-only = cached - (refcount >= 2), without walking the tree.
-        shared = kv.pool.num_blocks - free - refs.count(1)
-        cached_only = kv.radix.num_cached_blocks - shared
+        # Blocks change only in schedule() and finish_step(): count again only after either.
+        version = (self._batches, engine.num_steps)
+        if self._cached_only[0] != version:
+            # A cached block used by a request has a second reference; one held only by the
+            # tree has exactly one. So tree-only = cached - (refcount >= 2), no tree walk.
+            shared = kv.pool.num_blocks - free - refs.count(1)
+            self._cached_only = (version, kv.radix.num_cached_blocks - shared)
+        cached_only = self._cached_only[1]
         return Sample(
             time=now,
             replica=self.index,

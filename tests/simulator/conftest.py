@@ -1,4 +1,4 @@
-"""Shared fixtures for the simulator tests: where the public traces are, small setups."""
+"""The public traces the simulator tests read (never copied into the repository)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parents[2]
-SHARED_TRACES = REPO.parent / "shared" / "traces"
-SAMPLES = REPO / "traces"
+SHARED_TRACES = Path(__file__).parents[2].parent / "shared" / "traces"
 
 
 @pytest.fixture(scope="session")

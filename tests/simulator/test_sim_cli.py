@@ -128,6 +128,7 @@ def test_trace_generate_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["simulate", "{samples}/poisson.jsonl", "--window", "10"], "--window takes START:END"),
         (["simulate", "{samples}/poisson.jsonl", "--record-kv"], "give --out DIR too"),
         (["simulate", "{samples}/poisson.jsonl", "--replicas", "0"], "--replicas must be >= 1"),
+        (["simulate", "{samples}/poisson.jsonl", "--num-blocks", "0"], "--num-blocks must be >= 1"),
         (["simulate", "{samples}/poisson.jsonl", "--window", "900:1000"], "no requests left"),
         (
             [

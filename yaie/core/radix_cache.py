@@ -161,18 +161,19 @@ class RadixCache:
         """Free at least ``num_blocks`` blocks from unlocked leaves, LRU first (tail blocks of a
         leaf go first, so a long cached prompt loses only what is needed). Returns blocks freed."""
         freed = 0
-        heap = self._heap
+        heap, pop = self._heap, heapq.heappop
         while freed < num_blocks and heap:
-            stamp, _, node = heapq.heappop(heap)
-            if not self._evictable(node) or stamp != node.last_access:
+            stamp, _, node = pop(heap)
+            # _evictable, inlined: most popped entries are stale and this runs per allocation
+            if node.lock_ref or node.children or node.parent is None or stamp != node.last_access:
                 continue
-            take = min(num_blocks - freed, len(node.blocks))
-            gone = node.blocks[len(node.blocks) - take :]
-            self.pool.decref(gone)
+            blocks = node.blocks
+            take = min(num_blocks - freed, len(blocks))
+            self.pool.decref(blocks[len(blocks) - take :])
             self.num_cached_blocks -= take
             freed += take
-            if take < len(node.blocks):
-                del node.blocks[len(node.blocks) - take :]
+            if take < len(blocks):
+                del blocks[len(blocks) - take :]
                 del node.tokens[len(node.tokens) - take * self.block_size :]
                 self._touch(node)
             else:

@@ -244,13 +244,18 @@ class Scheduler:
             else:
                 token_ids.extend(req.token_slice(start, end))
                 positions.extend(range(start, end))
-                pos = start
-                while pos < end:  # one run of consecutive slots per block
-                    block, offset = divmod(pos, bs)
-                    run = min(end - pos, bs - offset)
-                    first = table[block] * bs + offset
-                    slots.extend(range(first, first + run))
-                    pos += run
+                # one run of consecutive slots per block: the first and last may be partial
+                first, offset = divmod(start, bs)
+                last = (end - 1) // bs
+                base = table[first] * bs
+                if first == last:
+                    slots.extend(range(base + offset, base + offset + n))
+                else:
+                    slots.extend(range(base + offset, base + bs))
+                    for block in table[first + 1 : last]:
+                        slots.extend(range(block * bs, block * bs + bs))
+                    base = table[last] * bs
+                    slots.extend(range(base, base + (end - 1) % bs + 1))
             num_tokens += n
             add_qsl(num_tokens)
             add_seq_len(end)
