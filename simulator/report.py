@@ -48,7 +48,7 @@ def build_report(
             "kv_occupied_peak": max(occupied, default=0.0),
             "running_mean": _mean([s["running"] for s in per_time]),
             "waiting_mean": _mean([s["waiting"] for s in per_time]),
-            "waiting_max": max((s["waiting"] for s in per_time), default=0),
+            "waiting_max": int(max((s["waiting"] for s in per_time), default=0)),
             "busy_fraction": busy / (result.sim_time * len(result.replicas))
             if result.sim_time
             else 0.0,
@@ -96,7 +96,7 @@ def format_table(report: dict[str, Any]) -> str:
         reasons = ", ".join(f"{n} {why}" for why, n in rej["by_reason"].items())
         lines.append(f"  refused: {rej['count']} ({reasons})")
     lines.append("")
-    lines.append(f"{'latency (ms)':<14}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}")
+    lines.append(f"{'latency (ms)':<14}{'p50':>12}{'p90':>12}{'p99':>12}{'mean':>12}")
     for key, label in (
         ("ttft", "TTFT"),
         ("tpot", "TPOT"),
@@ -105,10 +105,10 @@ def format_table(report: dict[str, Any]) -> str:
         ("queue", "queue"),
     ):
         row = [m.get(f"{key}_p{q}") for q in (50, 90, 99)] + [m.get(f"{key}_mean")]
-        lines.append(f"{label:<14}" + "".join(f"{_ms(v):>10}" for v in row))
+        lines.append(f"{label:<14}" + "".join(f"{_ms(v):>12}" for v in row))
     lines.append("")
     rows = [
-        ("completed", f"{m['completed']:,} / {m['requests']:,} requests"),
+        ("completed", f"{m['completed']:,} of {report['trace']['requests']:,} requests"),
         ("simulated time", f"{m['duration_s']:,.1f} s"),
         (
             "throughput",
@@ -342,7 +342,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{1000 * value:.1f}"
+    """Milliseconds, with one decimal while it fits a column (an overloaded run waits hours)."""
+    if value is None:
+        return "-"
+    return f"{1000 * value:,.1f}" if value < 1000 else f"{1000 * value:,.0f}"
 
 
 def _num(value: float | None, digits: int = 0) -> str:
