@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 YAIE   := $(VENV)/bin/yaie
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench-core build-kernels lint
+.PHONY: setup chromium test test-fast demo bench-core build-kernels lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+# The browser tests drive Debian's chromium headless (Playwright never downloads a browser).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup chromium
 	$(PY) -m pytest -q
 
 test-fast: setup
