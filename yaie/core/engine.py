@@ -89,6 +89,9 @@ class LLMEngine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        # Over finished requests: prompt tokens, and how many of them came from the prefix cache.
+        self.num_finished_prompt_tokens = 0
+        self.num_cached_prompt_tokens = 0
 
     # ------------------------------------------------------------ requests
 
@@ -302,6 +305,8 @@ class LLMEngine:
             del self._parents[parent]
         metrics = RequestMetrics.from_request(req)
         self.finished_metrics.append(metrics)
+        self.num_finished_prompt_tokens += metrics.num_prompt_tokens
+        self.num_cached_prompt_tokens += metrics.num_cached_tokens
         return RequestOutput(
             req.request_id,
             [],
@@ -334,6 +339,16 @@ class LLMEngine:
                 sched.num_preemptions - self._preemptions_before,
             )
         )
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every live request with an error (the loop around the engine broke)."""
+        return [self._finish(req, FinishReason.ERROR, error=message) for req in list(self.requests.values())]
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of finished requests' prompt tokens served from the prefix cache."""
+        total = self.num_finished_prompt_tokens
+        return self.num_cached_prompt_tokens / total if total else 0.0
 
     # ------------------------------------------------------------ views
 
