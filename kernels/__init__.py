@@ -2,11 +2,14 @@
 
 The model calls only the dispatch functions re-exported here. Each reference is plain torch and
 is also the CPU path; CUDA kernels (numba.cuda) slot in behind the same dispatch functions and are
-tested against the references. Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``apply_rotary`` (with
-``build_cos_sin_cache``), ``silu_and_mul``, ``write_kv``, ``paged_attention``, ``copy_blocks``
+tested against the references. Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` /
+``fused_add_layer_norm`` (GPT-2), ``apply_rotary`` (with ``build_cos_sin_cache``), ``silu_and_mul``,
+``gelu_tanh`` (GPT-2), ``write_kv``, ``paged_attention``, ``copy_blocks``
 (copy-on-write), and ``linear`` (GEMMs stay on torch; on CPU through oneDNN with weights packed
 by ``pack_weight``).
 ``yaie.kernels.cpu`` holds the one process setting the CPU path needs (``keep_freed_memory``).
+On CUDA the numba kernels run wherever they support the operands; ``YAIE_KERNELS=torch`` makes
+every op run its torch reference instead (``yaie.kernels._numba.KERNELS_ENV``).
 
 KV cache layout (shared by ``write_kv``, ``paged_attention`` and whoever allocates the cache):
 per layer, ``k_cache`` and ``v_cache`` are each ``[num_blocks, block_size, num_kv_heads,
@@ -18,10 +21,11 @@ attention as a strided ``[heads, tokens, head_dim]`` view. Cache memory must hol
 (allocate with zeros): padded attention reads slot 0 and masks it, and a NaN there would leak.
 """
 
-from yaie.kernels.activation import silu_and_mul
+from yaie.kernels.activation import gelu_tanh, silu_and_mul
 from yaie.kernels.attention import DecodeGroup, PrefillSegment, paged_attention
 from yaie.kernels.block_copy import copy_blocks
 from yaie.kernels.kv_cache import write_kv
+from yaie.kernels.layer_norm import fused_add_layer_norm, layer_norm
 from yaie.kernels.linear import linear, pack_weight
 from yaie.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from yaie.kernels.rotary import apply_rotary, build_cos_sin_cache
@@ -32,7 +36,10 @@ __all__ = [
     "apply_rotary",
     "build_cos_sin_cache",
     "copy_blocks",
+    "fused_add_layer_norm",
     "fused_add_rms_norm",
+    "gelu_tanh",
+    "layer_norm",
     "linear",
     "pack_weight",
     "paged_attention",

@@ -1,7 +1,8 @@
-"""SiLU-and-mul: the gated MLP's activation on the fused gate/up projection.
+"""MLP activations: SiLU-and-mul (Llama's gated MLP, on the fused gate/up projection) and
+GELU with the tanh approximation (GPT-2's ``gelu_new``).
 
-The numba kernel reads the gate and up halves once and writes the product once; the torch
-reference makes two passes and a temporary.
+The numba kernels read their input once and write their output once; the torch reference of
+SiLU-and-mul makes two passes and a temporary.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     """
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
+
+
+def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
+    """``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))``, elementwise, in a fresh tensor.
+
+    GPT-2 was trained with this approximation of GELU (transformers calls it ``gelu_new``);
+    the exact erf form differs by up to ~1e-3, enough to change greedy tokens.
+    """
+    return F.gelu(x, approximate="tanh")
 
 
 # --- numba.cuda kernel ----------------------------------------------------------------------------
@@ -128,6 +138,74 @@ def silu_and_mul_numba(x: torch.Tensor, out: torch.Tensor | None = None) -> torc
     return out
 
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@cuda.jit(device=True)
+def _gelu_tanh_tile(x, out, kind):
+    """One block computes ``blockDim * _WORDS_PER_THREAD`` consecutive words of the flat input.
+
+    Thread ``t`` owns words ``t + k * blockDim`` of the block's tile: all its loads are issued
+    before any store, and each warp instruction touches 32 consecutive words.
+    """
+    n_words = x.shape[0]
+    start = cuda.blockIdx.x * cuda.blockDim.x * _WORDS_PER_THREAD + cuda.threadIdx.x
+    values = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
+    for k in range(_WORDS_PER_THREAD):
+        i = start + k * cuda.blockDim.x
+        if i < n_words:
+            values[k] = np.uint64(x[i])
+    for k in range(_WORDS_PER_THREAD):
+        i = start + k * cuda.blockDim.x
+        if i < n_words:
+            result = np.uint64(0)
+            for j in range(per_word(kind)):
+                v = unpack(values[k], j, kind)
+                inner = np.float32(_SQRT_2_OVER_PI) * (v + np.float32(0.044715) * v * v * v)
+                result |= pack(np.float32(0.5) * v * (np.float32(1.0) + math.tanh(inner)), j, kind)
+            out[i] = result
+
+
+# Arguments: x and out as flat [W] 8-byte words. fastmath as for SiLU-and-mul (``tanh`` within a
+# few ulp of fp32).
+
+
+@cuda.jit(cache=True, fastmath=True)
+def gelu_tanh_f32(x, out):
+    _gelu_tanh_tile(x, out, F32)
+
+
+@cuda.jit(cache=True, fastmath=True)
+def gelu_tanh_bf16(x, out):
+    _gelu_tanh_tile(x, out, BF16)
+
+
+@cuda.jit(cache=True, fastmath=True)
+def gelu_tanh_f16(x, out):
+    _gelu_tanh_tile(x, out, F16)
+
+
+GELU_TANH_KERNELS = {
+    torch.float32: gelu_tanh_f32,
+    torch.bfloat16: gelu_tanh_bf16,
+    torch.float16: gelu_tanh_f16,
+}
+
+
+def gelu_numba_supports(x: torch.Tensor) -> bool:
+    """Whether the GELU kernel handles ``x`` here: contiguous, a whole number of aligned words."""
+    return runs_here(x) and x.numel() > 0 and x.is_contiguous() and words_fit(x.view(-1))
+
+
+def gelu_tanh_numba(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The numba kernel's ``gelu_tanh``; ``out`` (contiguous, ``x``'s shape) may be given."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    x_words = words(x.view(-1))
+    blocks = -(-x_words.shape[0] // (_THREADS * _WORDS_PER_THREAD))
+    GELU_TANH_KERNELS[x.dtype][blocks, _THREADS, stream_for(x)](x_words, words(out.view(-1)))
+    return out
+
+
 # --- dispatch -------------------------------------------------------------------------------------
 
 
@@ -136,3 +214,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and numba_supports(x):
         return silu_and_mul_numba(x)
     return silu_and_mul_reference(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The model's entry point: the numba kernel on CUDA tensors it supports, else the reference."""
+    if x.is_cuda and gelu_numba_supports(x):
+        return gelu_tanh_numba(x)
+    return gelu_tanh_reference(x)

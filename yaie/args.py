@@ -23,6 +23,7 @@ class EngineArgs:
     seed: int = 0  # for requests without their own seed
     allow_pickle: bool = False
     max_waiting: int | None = None
+    chat_template: str | None = None  # a Jinja file; None = the tokenizer's own (yaie.tokenizer)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,8 @@ class EngineArgs:
         g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
         g.add_argument("--seed", type=int, default=d.seed)
         g.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints")
+        g.add_argument("--chat-template", metavar="FILE", default=None,
+                       help="Jinja chat template for models without one")
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace, **overrides) -> EngineArgs:

@@ -24,7 +24,13 @@ from yaie.detokenizer import IncrementalDetokenizer
 from yaie.executor.model_executor import ModelExecutor
 from yaie.hub import resolve_model
 from yaie.model.loader import load_generation_config
-from yaie.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
+from yaie.tokenizer import (
+    apply_chat_template,
+    eos_token_ids,
+    load_tokenizer,
+    read_chat_template,
+    use_chat_template,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +57,13 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.args = EngineArgs(model=model, **engine_args)
         args = self.args
+        chat_template = read_chat_template(args.chat_template) if args.chat_template else None
         self.resolved = resolve_model(args.model, allow_pickle=args.allow_pickle)
         self.tokenizer = load_tokenizer(self.resolved)
         self.executor = ModelExecutor.load(self.resolved, args)
         hf_config = self.executor.hf_config
         mc = self.executor.model_config
+        use_chat_template(self.tokenizer, mc.architecture, chat_template)
         max_len = min(args.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.max_model_len = max_len
         eos = eos_token_ids(self.tokenizer, hf_config, load_generation_config(self.resolved))

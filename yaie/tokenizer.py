@@ -4,21 +4,34 @@ The engine works in token ids; this module is where text meets ids. Two things d
 chat model behaves: its chat template (the exact prompt format it was trained on) and its set of
 stop ids (an instruct model ends a turn with a chat end token such as ``<|im_end|>``, which is
 not always the tokenizer's ``eos_token``). Both are gathered here from every place a checkpoint
-may keep them.
+may keep them. Models older than chat templates get one: ``--chat-template FILE``, or for GPT-2
+models DialoGPT's convention, which ``use_chat_template`` installs on the tokenizer so every
+front end formats chats the same way.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from yaie.hub import ResolvedModel
+from yaie.model.config import GPT2_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
+
+# DialoGPT's format: each turn's text followed by the EOS token; after the last user turn the
+# model writes its reply and ends it with EOS. It was trained on Reddit threads, which have no
+# system prompt, so system messages are left out.
+DIALOGPT_CHAT_TEMPLATE = (
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}"
+)
 
 
 def load_tokenizer(resolved: ResolvedModel) -> PreTrainedTokenizerBase:
@@ -67,6 +80,31 @@ def _as_ids(value: int | Iterable[int] | None) -> set[int]:
     return {int(v) for v in value}
 
 
+def read_chat_template(path: str) -> str:
+    """The Jinja chat template in file ``path`` (``--chat-template FILE``)."""
+    try:
+        return Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read the chat template file {path}: {exc.strerror}") from None
+
+
+def use_chat_template(
+    tokenizer: PreTrainedTokenizerBase, architecture: str, template: str | None = None
+) -> None:
+    """Settle the template chats are formatted with, on the tokenizer itself.
+
+    ``template`` (the user's) wins; else the tokenizer's own; else, for a GPT-2 model, which
+    predates chat templates, DialoGPT's convention. Otherwise the tokenizer keeps none and
+    ``apply_chat_template`` says how to pass one. Setting it on the tokenizer, rather than at
+    each call, means every front end sees the same answer to "can this model chat?".
+    """
+    if template is not None:
+        tokenizer.chat_template = template
+    elif not tokenizer.chat_template and architecture in GPT2_ARCHITECTURES:
+        tokenizer.chat_template = DIALOGPT_CHAT_TEMPLATE
+        logger.info("No chat template: using DialoGPT's (turns joined by the EOS token)")
+
+
 def apply_chat_template(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[Mapping[str, Any]],
@@ -84,8 +122,8 @@ def apply_chat_template(
     if chat_template is None and not tokenizer.chat_template:
         raise ValueError(
             "This model has no chat template, so chat messages cannot be formatted for it. "
-            "Pass a chat template (a Jinja string, as chat_template=...) or send a plain-text "
-            "prompt to the completions endpoint instead."
+            "Pass one as a Jinja file (--chat-template FILE; in Python, chat_template=... with "
+            "the Jinja string) or send a plain-text prompt to the completions endpoint instead."
         )
     try:
         text = tokenizer.apply_chat_template(

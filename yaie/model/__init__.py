@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from yaie.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from yaie.model.causal_lm import CausalLM
+from yaie.model.config import GPT2_ARCHITECTURES, LLAMA_ARCHITECTURES, ModelConfig
+from yaie.model.gpt2 import GPT2LMHeadModel
 from yaie.model.llama import LlamaForCausalLM
 
-_REGISTRY: dict[str, type[nn.Module]] = {name: LlamaForCausalLM for name in SUPPORTED_ARCHITECTURES}
+_REGISTRY: dict[str, type[CausalLM]] = {
+    **{name: LlamaForCausalLM for name in LLAMA_ARCHITECTURES},
+    **{name: GPT2LMHeadModel for name in GPT2_ARCHITECTURES},
+}
 
 
-def get_model_class(architecture: str) -> type[nn.Module]:
+def get_model_class(architecture: str) -> type[CausalLM]:
     """Our model class for a Hugging Face ``architectures`` entry; ``ValueError`` if unknown."""
     try:
         return _REGISTRY[architecture]
@@ -21,4 +24,4 @@ def get_model_class(architecture: str) -> type[nn.Module]:
         ) from None
 
 
-__all__ = ["LlamaForCausalLM", "ModelConfig", "get_model_class"]
+__all__ = ["CausalLM", "GPT2LMHeadModel", "LlamaForCausalLM", "ModelConfig", "get_model_class"]

@@ -2,8 +2,9 @@
 
 Hugging Face configs differ per family and per transformers release (rope settings moved from
 ``rope_theta`` / ``rope_scaling`` to ``rope_parameters`` in transformers 5; Qwen2 has q/k/v bias
-without saying so; ``head_dim`` is sometimes implicit). ``ModelConfig.from_hf`` resolves all of
-that in one place so the model code reads plain fields.
+without saying so; ``head_dim`` is sometimes implicit; GPT-2 names everything its own way:
+``n_embd``, ``n_head``, ``n_positions``, ``layer_norm_epsilon``, ``activation_function``).
+``ModelConfig.from_hf`` resolves all of that in one place so the model code reads plain fields.
 """
 
 from __future__ import annotations
@@ -14,22 +15,31 @@ from typing import Any
 from yaie.kernels.rotary import SUPPORTED_ROPE_TYPES
 
 # Architecture name -> Hugging Face ``model_type``, for configs built without ``architectures``.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
+LLAMA_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+GPT2_ARCHITECTURES: dict[str, str] = {"GPT2LMHeadModel": "gpt2"}
+SUPPORTED_ARCHITECTURES: dict[str, str] = {**LLAMA_ARCHITECTURES, **GPT2_ARCHITECTURES}
+
+# GPT-2's ``activation_function`` values that all mean GELU's tanh approximation.
+_GELU_TANH = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 
 
 @dataclass(slots=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder; independent of the weights' dtype.
+    """Shape and numerics of a decoder (Llama or GPT-2 family); independent of the weights' dtype.
 
-    ``rope_scaling`` is ``None`` for plain RoPE, else a dict with a ``rope_type`` key (``linear``
-    or ``llama3``) and that type's parameters. ``attention_bias`` is the q/k/v projections' bias,
+    The architecture picks the family's layers (Llama: RMSNorm, rotary, SiLU-gated MLP; GPT-2:
+    LayerNorm, learned positions, tanh-GELU MLP). ``norm_eps`` is the epsilon of either norm.
+    ``rope_theta`` is ``None`` where positions are learned embeddings (GPT-2). ``rope_scaling``
+    is ``None`` for plain RoPE, else a dict with a ``rope_type`` key (``linear`` or ``llama3``)
+    and that type's parameters. ``attention_bias`` is the q/k/v projections' bias,
     ``attention_out_bias`` the output projection's (Llama's ``attention_bias`` sets both, Qwen2
     only the first); ``qk_norm`` is Qwen3's per-head RMSNorm on q and k before rotary.
+    ``max_position_embeddings`` is the context limit (GPT-2's ``n_positions``).
     """
 
     architecture: str
@@ -40,8 +50,8 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
+    norm_eps: float
+    rope_theta: float | None
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
@@ -54,6 +64,8 @@ class ModelConfig:
     def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Read a transformers ``PretrainedConfig``; ``ValueError`` if YAIE can't run it."""
         architecture = _architecture(hf_config)
+        if architecture in GPT2_ARCHITECTURES:
+            return cls._from_gpt2(hf_config, architecture)
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{architecture} with hidden_act={act!r} is not supported (only silu)")
@@ -74,7 +86,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads,
-            rms_norm_eps=hf_config.rms_norm_eps,
+            norm_eps=hf_config.rms_norm_eps,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=hf_config.max_position_embeddings,
@@ -83,6 +95,39 @@ class ModelConfig:
             attention_out_bias=not is_qwen2 and llama_bias,
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             qk_norm=architecture == "Qwen3ForCausalLM",
+        )
+
+    @classmethod
+    def _from_gpt2(cls, hf_config: Any, architecture: str) -> ModelConfig:
+        """GPT-2: full multi-head attention, biases everywhere, learned positions, tied head."""
+        act = hf_config.activation_function
+        if act not in _GELU_TANH:
+            raise ValueError(f"{architecture} with activation_function={act!r} is not supported "
+                             f"(only the tanh GELU: {', '.join(sorted(_GELU_TANH))})")
+        if not hf_config.scale_attn_weights or hf_config.scale_attn_by_inverse_layer_idx:
+            raise ValueError(f"{architecture} with scale_attn_weights=False or "
+                             "scale_attn_by_inverse_layer_idx=True is not supported")
+        hidden, num_heads = hf_config.n_embd, hf_config.n_head
+        if hidden % num_heads:
+            raise ValueError(f"n_embd={hidden} is not a multiple of n_head={num_heads}")
+        return cls(
+            architecture=architecture,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hidden,
+            intermediate_size=hf_config.n_inner or 4 * hidden,
+            num_layers=hf_config.n_layer,
+            num_heads=num_heads,
+            num_kv_heads=num_heads,
+            head_dim=hidden // num_heads,
+            norm_eps=hf_config.layer_norm_epsilon,
+            rope_theta=None,
+            rope_scaling=None,
+            max_position_embeddings=hf_config.n_positions,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+            attention_bias=True,
+            attention_out_bias=True,
+            mlp_bias=True,
+            qk_norm=False,
         )
 
 

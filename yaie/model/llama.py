@@ -12,18 +12,15 @@ another): fewer, larger GEMMs read the activations once and cost one op each.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from yaie.kernels import apply_rotary, build_cos_sin_cache, silu_and_mul
-from yaie.kernels.cpu import keep_freed_memory
 from yaie.model.attention import Attention, AttentionMetadata
+from yaie.model.causal_lm import CausalLM, ParamSlice
 from yaie.model.config import ModelConfig
 from yaie.model.layers import (
     MergedColumnParallelLinear,
-    PackedWeight,
     ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
@@ -53,8 +50,8 @@ class LlamaAttention(nn.Module):
             config.num_heads * head_dim, config.hidden_size, bias=config.attention_out_bias
         )
         if config.qk_norm:
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
         # This rank's heads (all of them until tensor parallelism shards the projections).
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -96,8 +93,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config)
         self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(
         self,
@@ -124,7 +121,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         # Built by LlamaForCausalLM.prepare_for_inference, after the model has its real device.
         self.register_buffer("cos_sin_cache", None, persistent=False)
 
@@ -138,23 +135,15 @@ class LlamaModel(nn.Module):
         return self.norm(hidden, residual)
 
 
-class LlamaForCausalLM(nn.Module):
-    """Our Llama-family model, loaded from Hugging Face weights with ``load_weights``.
-
-    Life cycle: construct (parameters uninitialised; the ``meta`` device works), ``to_empty`` /
-    ``.to(dtype/device)``, ``load_weights`` (which ends with ``prepare_for_inference``),
-    ``allocate_kv_cache``, then ``forward`` each step and ``compute_logits`` on the rows to
-    sample.
-    """
+class LlamaForCausalLM(CausalLM):
+    """Our Llama-family model; the life cycle it shares with every family is ``CausalLM``'s."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = LlamaModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)
-        self.kv_cache: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(
@@ -163,91 +152,28 @@ class LlamaForCausalLM(nn.Module):
         """``input_ids, positions [T]`` (int64) -> final hidden states ``[T, hidden]``."""
         return self.model(input_ids, positions, meta)
 
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, hidden]`` -> fp32 ``[N, vocab]``; pass only the rows that sample."""
-        return self.lm_head(hidden).float()
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
 
-    def allocate_kv_cache(
-        self,
-        num_blocks: int,
-        block_size: int,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """Allocate one zeroed ``[layers, 2, num_blocks, block_size, Hkv, D]`` tensor and bind
-        each layer's K and V views of it; returns it (one allocation: easy to size and free).
+    def input_embedding(self) -> VocabParallelEmbedding:
+        return self.model.embed_tokens
 
-        Defaults to the model's own dtype and device. Zeros because padded attention reads
-        stale slots under a mask, which must hold finite values.
-        """
-        weight = self.model.norm.weight
-        attn = self.model.layers[0].self_attn
-        self.kv_cache = torch.zeros(
-            self.config.num_layers, 2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim,
-            dtype=dtype or weight.dtype, device=device or weight.device,
-        )
-        for layer, kv in zip(self.model.layers, self.kv_cache):
-            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = kv[0], kv[1]
-        return self.kv_cache
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load Hugging Face-named tensors, fusing q/k/v and gate/up; then prepare for inference.
-
-        Rotary ``inv_freq`` buffers are skipped (we build our own table), as is ``lm_head`` when
-        it is tied to the embedding. Unknown or missing parameters raise ``ValueError``: a
-        silently ignored tensor would be a model that runs and talks nonsense.
-        """
-        if self.config.tie_word_embeddings:
-            # Again: materialising from the meta device (``to_empty``) unties parameters.
-            self.lm_head.tie(self.model.embed_tokens)
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        with torch.no_grad():
-            for name, tensor in weights:
-                if "rotary_emb.inv_freq" in name:
-                    continue
-                if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                    continue
-                target, shard_id = _our_name(name)
-                if target not in params:
-                    raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-                param = params[target]
-                module = self.get_submodule(target.rpartition(".")[0])
-                loader = getattr(module, "weight_loader", None)
-                if loader is not None:
-                    loader(param, tensor, shard_id)
-                elif param.shape != tensor.shape:
-                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(param.shape)}")
-                else:
-                    param.copy_(tensor)
-                loaded.add(target)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}"
-                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        self.prepare_for_inference()
+    def checkpoint_params(self, name: str, tensor: torch.Tensor) -> list[ParamSlice]:
+        """q/k/v and gate/up go to their fused parameters as shards; rotary ``inv_freq``
+        buffers are skipped (we build our own table)."""
+        if "rotary_emb.inv_freq" in name:
+            return []
+        target, shard_id = _our_name(name)
+        return [(target, shard_id, tensor)]
 
     def prepare_for_inference(self) -> None:
-        """Build what derives from the weights' device and dtype: the rotary table, and on CPU
-        each projection's oneDNN-layout weight.
-
-        On CPU this also sets glibc to keep freed memory for reuse (``yaie.kernels.cpu``), a
-        process-wide setting without which every layer of a step page-faults its buffers in.
-        ``load_weights`` calls this; call it again after changing weights in place or moving
-        the model to another device or dtype.
-        """
+        """The rotary table in the weights' dtype and device, then ``CausalLM``'s packing."""
         cfg, weight = self.config, self.model.norm.weight
         self.model.cos_sin_cache = build_cos_sin_cache(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
             weight.dtype,
         ).to(weight.device)
-        if weight.device.type == "cpu":
-            keep_freed_memory()
-        for module in self.modules():
-            if isinstance(module, PackedWeight):
-                module.pack()
+        super().prepare_for_inference()
 
 
 def _our_name(name: str) -> tuple[str, int | str | None]:
