@@ -13,7 +13,8 @@ into float32 with ``unpack``/``load_element`` and back with ``pack``; all arithm
 
 - fp32: the bits are an IEEE float32 (``int_as_float``).
 - bf16: a bfloat16 is the top half of a float32, so ``bits << 16`` *is* the float32; the way back
-  rounds to nearest-even on the dropped 16 bits (``f32_to_bf16_bits``), as torch does.
+  rounds to nearest-even (``f32_to_bf16_bits``), as torch does: on the GPU one ``cvt.rn.bf16.f32``
+  instruction, emitted as inline PTX since numba has no bfloat16 conversion of its own.
 - fp16: converted by libdevice's ``half2float`` / ``float2half_rn``.
 
 Which conversion applies is the kernel's compile-time ``kind`` (``F32``, ``BF16``, ``F16``):
@@ -27,16 +28,18 @@ such kernels, unlike for kernels built by a factory closure.
 ``torch.cuda.graph``. Under ``NUMBA_ENABLE_CUDASIM=1`` there is no GPU: the same launch code
 runs on CPU tensors, whose memory the simulated kernel reads and writes through numpy views,
 so CI tests the kernels' logic against the torch references. The simulator runs kernels as Python, where
-libdevice's functions are stubs, so the four bit conversions below have numpy twins there.
+libdevice's functions are stubs, so the bit conversions below have numpy twins there.
 The simulator also swaps a fake ``cuda`` module into the globals of each function it calls,
 racily across threads when the callee lives in another module, so the device functions here
-never touch ``cuda.*``: thread-index and barrier code lives beside the kernels that use it.
+never read ``cuda.*`` through this module's globals: most need no thread index or barrier,
+and ``xor_shuffle``'s simulator twin asks the simulator for the running launch's module.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 
 import numpy as np
@@ -59,16 +62,28 @@ SIMULATOR: bool = bool(_cuda_config.ENABLE_CUDASIM)
 # step of a small batch does, by design. Only that message is silenced.
 warnings.filterwarnings("ignore", message=r".*Grid size \d+ will likely result in GPU under")
 
+NEG_SCORE = np.float32(-1.0e30)
+"""Masked attention scores and running-maximum starts: finite, so ``2^(m - m')`` of two empty
+softmax states is 1, not NaN."""
+
 F32, BF16, F16 = 0, 1, 2
 """Compile-time storage kinds: how a kernel decodes the bits of one value."""
 
 KINDS: dict[torch.dtype, int] = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
 
 
+KERNELS_ENV = "YAIE_KERNELS"
+"""``YAIE_KERNELS=torch`` turns the numba kernels off: every dispatch function then runs its torch
+reference, on CUDA tensors too (to compare the two paths end to end, or to rule the kernels out
+when chasing a bug). Read once per process, by ``gpu_available``."""
+
+
 @functools.cache
 def gpu_available() -> bool:
-    """Whether numba can launch kernels on a real GPU in this process."""
-    return not SIMULATOR and bool(cuda.is_available())
+    """Whether numba kernels launch on a real GPU in this process (see ``KERNELS_ENV``)."""
+    if SIMULATOR or os.environ.get(KERNELS_ENV, "numba") == "torch":
+        return False
+    return bool(cuda.is_available())
 
 
 def runs_here(t: torch.Tensor) -> bool:
@@ -110,6 +125,19 @@ def words(t: torch.Tensor):
     return _simulated(view.numpy().view(np.uint64))  # numpy's unsigned semantics, as on the GPU
 
 
+def flat_words(t: torch.Tensor) -> tuple[object, tuple[int, ...]]:
+    """``t`` (``words_fit`` must hold) as one flat array of 8-byte words running from its first
+    element to its last, and the strides (in words) of its leading dims.
+
+    Element ``(i, j, .., w)`` is word ``i * strides[0] + j * strides[1] + .. + w``: a kernel
+    that indexes a flat contiguous array pays one add per access, where a strided view costs a
+    multiply per index and dim (numba cannot know that the last stride is one word).
+    """
+    ratio = 8 // t.element_size()
+    span = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return words(t.as_strided((span,), (1,))), tuple(s // ratio for s in t.stride()[:-1])
+
+
 def elements(t: torch.Tensor):
     """``t`` as one unsigned integer per value: uint16 for bf16/fp16, uint32 for fp32."""
     wide = t.element_size() == 4
@@ -117,6 +145,12 @@ def elements(t: torch.Tensor):
     if t.is_cuda:
         return cuda.as_cuda_array(view)
     return _simulated(view.numpy().view(np.uint32 if wide else np.uint16))
+
+
+def array_view(t: torch.Tensor):
+    """Any tensor (float32 scratch, int32 tables) as a numba array of its own dtype, no copy:
+    a device array view, or in the simulator the tensor's numpy view."""
+    return cuda.as_cuda_array(t) if t.is_cuda else t.numpy()
 
 
 def integers(t: torch.Tensor):
@@ -173,8 +207,54 @@ if SIMULATOR:
         """``value`` rounded to fp16 (nearest-even), as uint16 bits."""
         return np.float16(value).view(np.uint16)
 
+    @cuda.jit(device=True)
+    def f32_to_bf16_bits(value):
+        """``value`` rounded to bfloat16 (nearest, ties to even), as bits in a uint32.
+
+        Adding ``0x7FFF`` plus the lowest kept bit before dropping the low 16 bits rounds to
+        nearest-even; NaN is returned as a quiet NaN instead, since the carry could turn a
+        NaN with low payload bits into infinity (or the GPU's canonical NaN ``0x7FFFFFFF``
+        into -0). The GPU does all of this in one instruction (below).
+        """
+        bits = f32_to_bits(value)
+        rounded = np.uint32(
+            (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+            >> np.uint32(16)
+        )
+        is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        return np.uint32(0x7FC0) if is_nan else rounded
+
+    @cuda.jit(device=True)
+    def load_word(array, i):
+        """Word ``i`` of a flat word array (the GPU version's twin: a plain load here)."""
+        return array[i]
+
+    from numba.cuda.simulator.kernel import _get_kernel_context
+
+    @cuda.jit(device=True)
+    def xor_shuffle(value, offset):
+        """``value`` of lane ``lane ^ offset``, through shared memory: the simulator has no
+        shuffles (every thread of the block must call it). The simulated ``cuda`` module is
+        the running launch's, fetched here rather than read from this module's globals,
+        which the simulator swaps racily (see the module docstring)."""
+        sim = _get_kernel_context()
+        scratch = sim.shared.array(1024, np.float32)
+        tid = sim.threadIdx.x
+        scratch[tid] = value
+        sim.syncthreads()
+        other = scratch[tid ^ offset]
+        sim.syncthreads()
+        return np.float32(other)
+
 else:
+    from llvmlite import ir
+    from numba import types
     from numba.cuda import libdevice
+
+    try:  # numba-cuda
+        from numba.cuda.extending import intrinsic
+    except ImportError:  # numba's built-in CUDA target
+        from numba.core.extending import intrinsic
 
     @cuda.jit(device=True)
     def bits_to_f32(bits):
@@ -196,21 +276,48 @@ else:
         """``value`` rounded to fp16 (nearest-even), as uint16 bits."""
         return np.uint16(libdevice.float2half_rn(value))
 
+    @intrinsic
+    def _cvt_rn_bf16(typingctx, value):
+        """PTX ``cvt.rn.bf16.f32``: float32 to bfloat16 bits, nearest-even, NaN kept NaN."""
 
-@cuda.jit(device=True)
-def f32_to_bf16_bits(value):
-    """``value`` rounded to bfloat16 (nearest, ties to even), as bits in a uint32.
+        def codegen(context, builder, signature, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(16), [ir.FloatType()]),
+                               "cvt.rn.bf16.f32 $0, $1;", "=h,f")
+            return builder.call(asm, args)
 
-    Adding ``0x7FFF`` plus the lowest kept bit before dropping the low 16 bits rounds to
-    nearest-even; NaN is returned as a quiet NaN instead, since the carry could turn a NaN
-    with low payload bits into infinity. Both are computed and one selected, without a branch.
-    """
-    bits = f32_to_bits(value)
-    rounded = np.uint32(
-        (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    )
-    is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    return np.uint32(0x7FC0) if is_nan else rounded
+        return types.uint16(types.float32), codegen
+
+    @cuda.jit(device=True)
+    def f32_to_bf16_bits(value):
+        """``value`` rounded to bfloat16 (nearest, ties to even), as bits in a uint32: one
+        hardware conversion (sm_80 and later), where the bit arithmetic of the simulator's
+        twin takes six instructions, a cost every bf16 output value of every kernel pays."""
+        return np.uint32(_cvt_rn_bf16(np.float32(value)))
+
+    @intrinsic
+    def load_word(typingctx, array, index):
+        """Word ``index`` of a flat (1-D, contiguous) word array, as a load the compilers
+        must issue where the source puts it (``ld.volatile``).
+
+        Compilers sink a load towards its first use, and drop it from paths that don't use
+        it: past a branch whose condition needs another load, the two round trips to memory
+        then run one after the other. A volatile load is neither moved nor dropped, so it is
+        in flight together with the loads before it.
+        """
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            ptr = builder.gep(data, [args[1]])
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(64), [ptr.type]),
+                               "ld.volatile.global.b64 $0, [$1];", "=l,l", side_effect=True)
+            return builder.call(asm, [ptr])
+
+        return types.uint64(array, index), codegen
+
+    @cuda.jit(device=True)
+    def xor_shuffle(value, offset):
+        """``value`` of lane ``lane ^ offset`` (a butterfly step over the full warp)."""
+        return cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
 
 
 @cuda.jit(device=True)

@@ -29,14 +29,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from yaie.kernels._numba import gpu_available
+from yaie.kernels._numba import KINDS, array_view, gpu_available, stream_for, words
 
 _rms_norm = importlib.import_module("yaie.kernels.rms_norm")
 _rotary = importlib.import_module("yaie.kernels.rotary")
 _activation = importlib.import_module("yaie.kernels.activation")
 _kv_cache = importlib.import_module("yaie.kernels.kv_cache")
+_decode = importlib.import_module("yaie.kernels.decode_attention")
+_prefill = importlib.import_module("yaie.kernels.prefill_attention")
+_block_copy = importlib.import_module("yaie.kernels.block_copy")
+_layer_norm = importlib.import_module("yaie.kernels.layer_norm")
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -46,6 +51,14 @@ DTYPES: dict[str, torch.dtype] = {
 
 # Tiny engine-shaped operands: sizes don't change the specialisation, layouts do.
 _TOKENS, _HEADS, _KV_HEADS, _HEAD_DIM, _HIDDEN = 3, 4, 2, 64, 256
+
+ATTENTION_SHAPES: list[tuple[int, int, int]] = [(9, 3, 64), (32, 8, 128)]
+"""``(query heads, KV heads, head_dim)`` the attention kernels are built for, with the default
+block size: the default model's (SmolLM2-135M) and Llama-3-8B's. The attention kernels are
+compiled per GQA group, head dim and block size (they size registers and unroll loops), so a
+model of another shape compiles its own on first use, or ahead with
+``warmup(dtype, warmups=attention_warmups(shape))``."""
+_BLOCK_SIZE = 16  # EngineArgs' default
 
 
 def _qkv(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -81,11 +94,100 @@ def _run_silu_and_mul(dtype: torch.dtype, device: torch.device) -> None:
     _activation.silu_and_mul_numba(torch.randn(_TOKENS, 2 * _HIDDEN, dtype=dtype, device=device))
 
 
+def _run_layer_norm(dtype: torch.dtype, device: torch.device) -> None:
+    x = torch.randn(_TOKENS, _HIDDEN, dtype=dtype, device=device)
+    weight, bias = torch.ones(2, _HIDDEN, dtype=dtype, device=device)
+    _layer_norm.layer_norm_numba(x, weight, bias, 1e-5)
+
+
+def _run_fused_add_layer_norm(dtype: torch.dtype, device: torch.device) -> None:
+    x, residual = torch.randn(2, _TOKENS, _HIDDEN, dtype=dtype, device=device)
+    weight, bias = torch.ones(2, _HIDDEN, dtype=dtype, device=device)
+    _layer_norm.fused_add_layer_norm_numba(x, residual, weight, bias, 1e-5)
+
+
+def _run_gelu_tanh(dtype: torch.dtype, device: torch.device) -> None:
+    _activation.gelu_tanh_numba(torch.randn(_TOKENS, 4 * _HIDDEN, dtype=dtype, device=device))
+
+
 def _run_write_kv(dtype: torch.dtype, device: torch.device) -> None:
     _, k, v = _qkv(dtype, device)
     k_cache, v_cache = torch.zeros(2, 4, 16, _KV_HEADS, _HEAD_DIM, dtype=dtype, device=device)
     slots = torch.tensor([0, -1, 17], device=device)
     _kv_cache.write_kv_numba(k, v, k_cache, v_cache, slots)
+
+
+class _PagedBatch:
+    """Two decodes (contexts of 40 and 7 tokens) and a 5-token prefill over a 30-token prefix,
+    on a small paged cache, with q a strided slice of a fused QKV output as the model has it."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
+        heads, kv_heads, head_dim = shape
+        self.q = torch.randn(7, heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)[
+            :, :heads
+        ]
+        self.out = torch.empty(self.q.shape, dtype=dtype, device=device)
+        cache = (8, _BLOCK_SIZE, kv_heads, head_dim)
+        self.k_cache = torch.randn(cache, dtype=dtype, device=device)
+        self.v_cache = torch.randn(cache, dtype=dtype, device=device)
+        ints = {"dtype": torch.int32, "device": device}
+        self.block_tables = torch.tensor([[0, 1, 2], [3, 0, 0], [4, 5, 6]], **ints)
+        self.seq_lens = torch.tensor([40, 7, 35], **ints)
+        self.query_start_loc = torch.tensor([0, 1, 2, 7], **ints)
+        self.scale = head_dim**-0.5
+
+    def decode(self, part_tokens: int | None) -> None:
+        ids = torch.tensor([0, 1], dtype=torch.int32, device=self.q.device)
+        _decode.paged_decode_attention(
+            self.q, self.k_cache, self.v_cache, self.out, self.block_tables, self.seq_lens,
+            self.query_start_loc, ids, 40, self.scale, part_tokens,
+        )
+
+    def reduce(self) -> None:
+        """The split-KV reduction alone, on made-up partition results (two partitions)."""
+        ids = torch.tensor([0, 1], dtype=torch.int32, device=self.q.device)
+        parts = torch.randn(2, self.q.shape[1], 2, self.q.shape[2], device=self.q.device)
+        lse = torch.randn(2, self.q.shape[1], 2, device=self.q.device)
+        _decode.REDUCE_KERNELS[KINDS[self.q.dtype]][(self.q.shape[1], 2), 32, stream_for(self.q)](
+            words(self.out), array_view(parts), array_view(lse), array_view(self.seq_lens),
+            array_view(self.query_start_loc), array_view(ids), np.int32(32),
+        )
+
+    def prefill(self) -> None:
+        ids = torch.tensor([2], dtype=torch.int32, device=self.q.device)
+        _prefill.paged_prefill_attention(
+            self.q, self.k_cache, self.v_cache, self.out, self.block_tables, self.seq_lens,
+            self.query_start_loc, ids, 5, self.scale,
+        )
+
+
+def attention_warmups(shape: tuple[int, int, int]) -> list[Warmup]:
+    """Decode (whole context, and split-KV with its reduction) and prefill for one shape."""
+    heads, kv_heads, head_dim = shape
+    group, label = heads // kv_heads, f"{heads}/{kv_heads}x{head_dim}"
+
+    def decode(split: bool) -> Callable[[torch.dtype], object]:
+        return lambda dtype: _decode.decode_kernel(
+            KINDS[dtype], group, head_dim, _BLOCK_SIZE, split
+        )
+
+    return [
+        Warmup(f"paged decode {label}", decode(False),
+               lambda dtype, device: _PagedBatch(shape, dtype, device).decode(None)),
+        Warmup("  split-KV reduce", lambda dtype: _decode.REDUCE_KERNELS[KINDS[dtype]],
+               lambda dtype, device: _PagedBatch(shape, dtype, device).reduce()),
+        Warmup(f"  split-KV {label}", decode(True),
+               lambda dtype, device: _PagedBatch(shape, dtype, device).decode(16)),
+        Warmup(f"paged prefill {label}",
+               lambda dtype: _prefill.prefill_kernel(KINDS[dtype], group, head_dim, _BLOCK_SIZE),
+               lambda dtype, device: _PagedBatch(shape, dtype, device).prefill()),
+    ]
+
+
+def _run_copy_blocks(dtype: torch.dtype, device: torch.device) -> None:
+    cache = torch.randn(4, _BLOCK_SIZE, _KV_HEADS, _HEAD_DIM, dtype=dtype, device=device)
+    src, dst = torch.tensor([[0], [2]], device=device)
+    _block_copy.copy_blocks_numba(cache, src, dst)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +214,15 @@ WARMUPS: list[Warmup] = [
     Warmup("apply_rotary", _rotary.ROTARY_KERNELS.__getitem__, _run_rotary),
     Warmup("silu_and_mul", _activation.SILU_AND_MUL_KERNELS.__getitem__, _run_silu_and_mul),
     Warmup("write_kv", lambda dtype: _kv_cache.write_kv_kernel, _run_write_kv),
+    Warmup("layer_norm", _layer_norm.LAYER_NORM_KERNELS.__getitem__, _run_layer_norm),
+    Warmup(
+        "fused_add_layer_norm",
+        _layer_norm.FUSED_ADD_LAYER_NORM_KERNELS.__getitem__,
+        _run_fused_add_layer_norm,
+    ),
+    Warmup("gelu_tanh", _activation.GELU_TANH_KERNELS.__getitem__, _run_gelu_tanh),
+    Warmup("copy_blocks", lambda dtype: _block_copy.copy_blocks_kernel, _run_copy_blocks),
+    *(w for shape in ATTENTION_SHAPES for w in attention_warmups(shape)),
 ]
 
 

@@ -16,10 +16,14 @@ time; lane ``l`` of the group holds words ``l, l + LT, ...`` of the token's ``D`
 (``LT = min(32, words_per_row / 2)``, two words a lane when ``LT < 32``). A warp thus loads whole
 rows (256 contiguous bytes for a bf16 ``D = 128`` head) per instruction. Each iteration, token
 group ``k`` takes the run of ``CHUNK`` consecutive tokens after ``k`` earlier runs: the run lies
-in one cache block (one block-table lookup), and each lane issues all ``2 x CHUNK x
-words_per_lane`` 8-byte loads of its K and V rows before it first needs one (64 KB in flight
-per SM for bf16 ``D = 128``: what it takes to cover device-memory latency at full bandwidth).
-Index arithmetic in the loop is unsigned, which spares numba's negative-index checks.
+in one cache block (one block-table lookup). The loop is software-pipelined: while a run is
+computed, the ``2 x CHUNK x words_per_lane`` 8-byte K and V loads of the group's next run and
+the block-table entry of the run after that are already in flight, so neither round trip to
+memory waits on the arithmetic or on the other (about 48 KB in flight per multiprocessor for
+bf16 ``D = 128``, continuously: what it takes to cover device-memory latency at full
+bandwidth). Without the pipeline, each iteration waited for its table lookup, then for its
+rows, and the kernel topped out near 2.9 TB/s on H100 and H200 alike. Index arithmetic in
+the loop is unsigned, which spares numba's negative-index checks.
 
 **The math, per token group (online softmax).** Scores are kept in base 2: ``q`` is pre-scaled
 by ``scale * log2(e)``, so ``softmax`` needs ``exp2``, one fast hardware instruction. A group
@@ -59,7 +63,9 @@ import torch
 from yaie.kernels._numba import (
     F32,
     KINDS,
+    NEG_SCORE,
     SIMULATOR,
+    array_view,
     cuda,
     pack,
     runs_here,
@@ -69,8 +75,13 @@ from yaie.kernels._numba import (
     words_fit,
 )
 
-WARPS = 4
-"""Warps per decode block: four token groups' worth of loads per SM scheduler."""
+WARPS = 3
+"""Warps per decode block. The bf16, GQA-4, head-dim-128 kernel takes 168 registers a thread
+(its K/V words for two runs of tokens are live at once, see the loop), so a multiprocessor's
+64K registers hold twelve of its warps: four blocks of three. Four blocks a multiprocessor make
+528 resident blocks on an H100, enough for the 512 (request, KV head) pairs of a 64-request
+Llama-3-8B batch in a single wave; blocks of four warps would fit three to a multiprocessor and
+leave a second wave one third full."""
 
 CHUNK = 4
 """Tokens a token group loads per iteration before using any of them."""
@@ -79,11 +90,12 @@ MIN_PARTITION = 256
 """Fewest context tokens worth a partition of their own (below this the merge costs more)."""
 
 BLOCKS_PER_SM = 4
-"""Decode blocks resident per multiprocessor: the bf16, GQA-4, head-dim-128 kernel takes 128
-registers a thread, so four 128-thread blocks fill the 64K-register file."""
+"""Decode blocks resident per multiprocessor (see ``WARPS``)."""
 
-_NEG = np.float32(-1.0e30)
-"""Running-maximum start value: finite, so ``2^(m - m')`` of two empty states is 1, not NaN."""
+BLOCK_OVERHEAD_TOKENS = 64
+"""A block's fixed cost (loading q, filling the pipeline, merging its token groups, the split
+reduction) in context tokens' worth of streaming, for ``plan_partitions``' cost model."""
+
 
 _REDUCE_THREADS = 128
 
@@ -174,25 +186,49 @@ def plan_partitions(
 ) -> int:
     """Tokens per partition for a decode batch (``>= max_seq_len``: no split).
 
-    The GPU holds ``slots = BLOCKS_PER_SM x multiprocessors`` blocks at once. With at least
-    half of them taken by ``num_decodes x num_kv_heads`` blocks, splitting only adds a
-    reduction. Otherwise each context is cut so that the blocks make about two full waves
-    (``2 x slots``: a partial last wave would leave SMs idle), in partitions of at least
-    ``MIN_PARTITION`` tokens and a whole number of loop iterations.
+    Blocks stream K/V at about the same rate, so a launch takes about as many rounds of
+    partition-length streaming as it has *waves*: ``ceil(blocks / slots)`` with
+    ``slots = BLOCKS_PER_SM x multiprocessors`` resident blocks. The plan picks the partition
+    count ``p`` minimising ``waves(p) x (tokens per partition + BLOCK_OVERHEAD_TOKENS)`` among
+    no split and the largest ``p`` that fits each of one to four waves: a batch of few
+    requests is cut so that its blocks fill the GPU, while one that fills it already (64
+    requests x 8 KV heads) is not split, since a partial wave would leave it waiting.
+    Partitions hold at least ``MIN_PARTITION`` tokens and a whole number of loop iterations.
     """
     pairs = max(1, num_decodes * num_kv_heads)
     slots = BLOCKS_PER_SM * _num_sms(device)
-    if 2 * pairs > slots:
-        return max(1, max_seq_len)
-    parts = min(2 * slots // pairs, max_seq_len // MIN_PARTITION)
-    if parts <= 1:
-        return max(1, max_seq_len)
     step = tokens_per_iteration(kind, head_dim)
-    per_part = -(-max_seq_len // parts)
-    return -(-per_part // step) * step
+    most = max(1, max_seq_len // MIN_PARTITION)
+    best = max(1, max_seq_len)
+    best_cost = _ceil_div(pairs, slots) * (best + BLOCK_OVERHEAD_TOKENS)
+    for waves in range(1, 5):
+        parts = min(most, waves * slots // pairs)
+        if parts <= 1:
+            continue
+        per_part = _ceil_div(_ceil_div(max_seq_len, parts), step) * step
+        cost = _ceil_div(pairs * parts, slots) * (per_part + BLOCK_OVERHEAD_TOKENS)
+        if cost < best_cost:
+            best, best_cost = per_part, cost
+    return best
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # --- kernels ----------------------------------------------------------------------------------
+
+
+@cuda.jit(device=True)
+def _load_run(kw, vw, k_cache, v_cache, run, stride, lanes):
+    """Load a token group's run into registers: ``kw, vw [chunk, words per lane]`` get this
+    lane's words of the run's K and V rows, the first at flat word ``run``, rows ``stride``
+    words apart, a lane's words ``lanes`` apart."""
+    for c in range(kw.shape[0]):
+        for j in range(kw.shape[1]):
+            at = run + np.uint64(c) * stride + np.uint64(lanes * j)
+            kw[c, j] = np.uint64(k_cache[at])
+            vw[c, j] = np.uint64(v_cache[at])
 
 
 @functools.cache
@@ -216,8 +252,8 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
     threads = WARPS * 32
 
     @cuda.jit(cache=True, fastmath=True)
-    def kernel(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seq_ids,
-               kv_stride, scale_log2, part_tokens, part_out, part_lse):
+    def paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seq_ids,
+                     kv_stride, scale_log2, part_tokens, part_out, part_lse):
         """out/q: words ``[T, Hq, W]``; caches: flat words (row ``slot * Hkv + kv_head``,
         ``kv_stride = Hkv * W`` words a slot); part_out ``[n, Hq, P, D]`` and part_lse
         ``[n, Hq, P]`` fp32 (split only)."""
@@ -249,38 +285,46 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
         lsum = cuda.local.array(group, np.float32)
         acc = cuda.local.array((group, per_lane), np.float32)
         for g in range(group):
-            m[g] = _NEG
+            m[g] = NEG_SCORE
             lsum[g] = np.float32(0.0)
             for e in range(per_lane):
                 acc[g, e] = np.float32(0.0)
         kw = cuda.local.array((chunk, wpl), np.uint64)
         vw = cuda.local.array((chunk, wpl), np.uint64)
+        kn = cuda.local.array((chunk, wpl), np.uint64)
+        vn = cuda.local.array((chunk, wpl), np.uint64)
         s = cuda.local.array((chunk, group), np.float32)
         # Hot-loop index arithmetic is unsigned: numba then skips its negative-index
         # wraparound, and division by the (power-of-two) block size is a shift.
         table = block_tables[seq]
         stride = np.uint64(kv_stride)
         stop = np.uint64(end)
+        last = stop - np.uint64(1)
         bs = np.uint64(block_size)
+        jump = np.uint64(step)
         lane_word = np.uint64(kv_head * row_words + gl)
 
+        # Software pipeline. Each iteration, this group's run of ``chunk`` consecutive tokens
+        # lies in one cache block (``chunk`` divides the block size and partitions start at
+        # multiples of it): one block-table lookup, then rows ``kv_stride`` words apart. While
+        # a run is computed, the K and V words of the group's next run and the cache block of
+        # the run after that are already in flight, so neither the table lookup nor the row
+        # loads wait on the arithmetic. Rows are loaded unconditionally: a run reaching past
+        # the context reads stale rows of a block the request owns (finite, see
+        # ``yaie.kernels``) and those tokens are masked out below.
+        t0 = np.uint64(begin + token_group * chunk)
+        run = (np.uint64(table[min(t0, last) // bs]) * bs + t0 % bs) * stride + lane_word
+        _load_run(kw, vw, k_cache, v_cache, run, stride, lanes)
+        blk_next = np.uint64(table[min(t0 + jump, last) // bs])
+
         for base in range(begin, end, step):
-            # This group's run of ``chunk`` consecutive tokens lies in one cache block (``chunk``
-            # divides the block size and partitions start at multiples of it): one block-table
-            # lookup, then rows ``kv_stride`` words apart. All K *and* V words of the run go in
-            # flight at once; V is not needed until the softmax weights are known.
-            t0 = np.uint64(base + token_group * chunk)
-            blk = np.uint64(table[min(t0, stop - np.uint64(1)) // bs])
-            row0 = (blk * bs + t0 % bs) * stride + lane_word
-            for c in range(chunk):
-                at = row0 + np.uint64(c) * stride
-                for j in range(wpl):
-                    if t0 + np.uint64(c) < stop:
-                        kw[c, j] = np.uint64(k_cache[at + np.uint64(lanes * j)])
-                        vw[c, j] = np.uint64(v_cache[at + np.uint64(lanes * j)])
-                    else:
-                        kw[c, j] = np.uint64(0)
-                        vw[c, j] = np.uint64(0)
+            t_next = t0 + jump
+            blk_after = blk_next
+            if base + step < end:  # the same for the whole block: no divergence
+                run = (blk_next * bs + t_next % bs) * stride + lane_word
+                _load_run(kn, vn, k_cache, v_cache, run, stride, lanes)
+                blk_after = np.uint64(table[min(t_next + jump, last) // bs])
+
             for c in range(chunk):
                 for g in range(group):
                     dot = np.float32(0.0)
@@ -292,7 +336,7 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
             for c in range(chunk):
                 if t0 + np.uint64(c) >= stop:
                     for g in range(group):
-                        s[c, g] = _NEG
+                        s[c, g] = NEG_SCORE
             # Online softmax: rescale only when the running maximum rises (rarely, once the
             # first tokens are seen); an unchanged maximum would multiply by 2^0 = 1.
             for g in range(group):
@@ -305,16 +349,23 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
                     lsum[g] *= corr
                     for e in range(per_lane):
                         acc[g, e] *= corr
-            # Values, weighted by 2^(s - m); masked tokens weigh 0.
+            # Values, weighted by 2^(s - m); masked tokens weigh 0 and their (stale) rows
+            # are replaced by zeros, so not even a non-finite stale value can leak in.
             for c in range(chunk):
+                valid = t0 + np.uint64(c) < stop
                 for g in range(group):
-                    p = np.float32(0.0)
-                    if t0 + np.uint64(c) < stop:
-                        p = math.exp2(s[c, g] - m[g])
+                    p = math.exp2(s[c, g] - m[g]) if valid else np.float32(0.0)
                     lsum[g] += p
                     for j in range(wpl):
+                        word = vw[c, j] if valid else np.uint64(0)
                         for e in range(vec):
-                            acc[g, j * vec + e] += p * unpack(vw[c, j], e, kind)
+                            acc[g, j * vec + e] += p * unpack(word, e, kind)
+            for c in range(chunk):
+                for j in range(wpl):
+                    kw[c, j] = kn[c, j]
+                    vw[c, j] = vn[c, j]
+            blk_next = blk_after
+            t0 = t_next
 
         # Merge the token groups' states through shared memory: group k's state is row k.
         sm_acc = cuda.shared.array((n_groups, group, head_dim), np.float32)
@@ -332,7 +383,7 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
         for item in range(tid, group * row_words, threads):
             g = item // row_words
             w = item % row_words
-            top = _NEG
+            top = NEG_SCORE
             for k in range(n_groups):
                 top = max(top, sm_ml[k, g, 0])
             total = np.float32(0.0)
@@ -355,7 +406,7 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
             else:
                 out[row, kv_head * group + g, w] = word
 
-    return kernel
+    return paged_decode
 
 
 @cuda.jit(device=True)
@@ -373,7 +424,7 @@ def _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_i
     n_parts = (seq_lens[seq] + part_tokens - 1) // part_tokens
     row = query_start_loc[seq]
     vec = 2 if kind == F32 else 4
-    top = _NEG
+    top = NEG_SCORE
     for p in range(n_parts):
         top = max(top, part_lse[i, h, p])
     total = np.float32(0.0)
@@ -414,11 +465,6 @@ REDUCE_KERNELS = {0: reduce_partitions_f32, 1: reduce_partitions_bf16, 2: reduce
 
 
 # --- launch -----------------------------------------------------------------------------------
-
-
-def _array(t: torch.Tensor):
-    """A tensor as a numba array without copying: device array view, or numpy in the simulator."""
-    return cuda.as_cuda_array(t) if t.is_cuda else t.numpy()
 
 
 def decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -484,15 +530,15 @@ def paged_decode_attention(
     else:  # unused by the single-partition kernel, which still needs arrays of the right rank
         part_out = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
-    ints = [_array(t) for t in (block_tables, seq_lens, query_start_loc, seq_ids)]
+    ints = [array_view(t) for t in (block_tables, seq_lens, query_start_loc, seq_ids)]
     kernel = decode_kernel(kind, group, head_dim, block_size, split)
     kv_stride = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size() // 8
     kernel[(num_kv_heads, num_decodes, parts), WARPS * 32, stream](
         words(out), words(q), words(k_cache.view(-1)), words(v_cache.view(-1)), *ints,
-        np.int64(kv_stride), scale_log2, np.int32(part_tokens), _array(part_out),
-        _array(part_lse),
+        np.int64(kv_stride), scale_log2, np.int32(part_tokens), array_view(part_out),
+        array_view(part_lse),
     )
     if split:
         REDUCE_KERNELS[kind][(q.shape[1], num_decodes), _REDUCE_THREADS, stream](
-            words(out), _array(part_out), _array(part_lse), *ints[1:], np.int32(part_tokens)
+            words(out), array_view(part_out), array_view(part_lse), *ints[1:], np.int32(part_tokens)
         )

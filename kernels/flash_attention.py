@@ -37,7 +37,14 @@ import math
 import numpy as np
 import torch
 
-from yaie.kernels._numba import SIMULATOR, cuda, runs_here, stream_for
+from yaie.kernels._numba import (
+    NEG_SCORE,
+    array_view,
+    cuda,
+    runs_here,
+    stream_for,
+    xor_shuffle,
+)
 
 TILE = 16
 THREADS = 128
@@ -45,29 +52,6 @@ LANES = THREADS // TILE
 MAX_HEAD_DIM = 128
 """Four ``TILE x (D + 1)`` fp32 tiles must fit the 48 KB of static shared memory."""
 
-_NEG = np.float32(-1.0e30)
-
-
-if SIMULATOR:
-
-    @cuda.jit(device=True)
-    def xor_shuffle(value, offset):
-        """``value`` of lane ``lane ^ offset``, through shared memory: the simulator has no
-        shuffles (every thread of the block must call it)."""
-        scratch = cuda.shared.array(THREADS, np.float32)
-        tid = cuda.threadIdx.x
-        scratch[tid] = value
-        cuda.syncthreads()
-        other = scratch[tid ^ offset]
-        cuda.syncthreads()
-        return np.float32(other)
-
-else:
-
-    @cuda.jit(device=True)
-    def xor_shuffle(value, offset):
-        """``value`` of lane ``lane ^ offset`` (a butterfly step over the full warp)."""
-        return cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
 
 
 @cuda.jit(device=True)
@@ -135,7 +119,7 @@ def _kernels(head_dim: int):
         sp = cuda.shared.array((TILE, padded_tile), np.float32)
         _stage(sq, q, b, h, qt * TILE, scale_log2, tid)
 
-        m = _NEG
+        m = NEG_SCORE
         lsum = np.float32(0.0)
         acc = cuda.local.array(dims, np.float32)
         for j in range(dims):
@@ -154,12 +138,12 @@ def _kernels(head_dim: int):
             key0 = kt * TILE + lane
             key1 = key0 + LANES
             if i >= length or key0 >= length or (causal and key0 > i):
-                s0 = _NEG
+                s0 = NEG_SCORE
             if i >= length or key1 >= length or (causal and key1 > i):
-                s1 = _NEG
+                s1 = NEG_SCORE
             new_m = max(m, _row_reduce(max(s0, s1), True))
-            p0 = math.exp2(s0 - new_m) if s0 > _NEG else np.float32(0.0)
-            p1 = math.exp2(s1 - new_m) if s1 > _NEG else np.float32(0.0)
+            p0 = math.exp2(s0 - new_m) if s0 > NEG_SCORE else np.float32(0.0)
+            p1 = math.exp2(s1 - new_m) if s1 > NEG_SCORE else np.float32(0.0)
             corr = math.exp2(m - new_m)
             lsum = lsum * corr + _row_reduce(p0 + p1, False)
             m = new_m
@@ -272,9 +256,6 @@ def _kernels(head_dim: int):
     return forward, dkdv, dq
 
 
-def _array(t: torch.Tensor):
-    return cuda.as_cuda_array(t) if t.is_cuda else t.numpy()
-
 
 def _grid(q: torch.Tensor) -> tuple[int, int, int]:
     return (-(-q.shape[2] // TILE), q.shape[1], q.shape[0])
@@ -290,7 +271,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         lse = torch.empty(q32.shape[:3], dtype=torch.float32, device=q.device)
         forward_kernel, _, _ = _kernels(q.shape[3])
         forward_kernel[_grid(q32), THREADS, stream_for(q32)](
-            _array(q32), _array(k32), _array(v32), _array(o), _array(lse),
+            array_view(q32), array_view(k32), array_view(v32), array_view(o), array_view(lse),
             np.float32(scale * math.log2(math.e)), causal,
         )
         ctx.save_for_backward(q32, k32, v32, o, lse)
@@ -305,13 +286,13 @@ class FlashAttentionFunction(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q32), torch.empty_like(k32), torch.empty_like(v32)
         _, dkdv_kernel, dq_kernel = _kernels(q32.shape[3])
         stream = stream_for(q32)
-        common = [_array(t) for t in (q32, k32, v32, do, lse, delta)]
+        common = [array_view(t) for t in (q32, k32, v32, do, lse, delta)]
         scale = np.float32(ctx.scale)
         scale_log2 = np.float32(ctx.scale * math.log2(math.e))
         dkdv_kernel[_grid(k32), THREADS, stream](
-            *common, _array(dk), _array(dv), scale, scale_log2, ctx.causal
+            *common, array_view(dk), array_view(dv), scale, scale_log2, ctx.causal
         )
-        dq_kernel[_grid(q32), THREADS, stream](*common, _array(dq), scale, scale_log2, ctx.causal)
+        dq_kernel[_grid(q32), THREADS, stream](*common, array_view(dq), scale, scale_log2, ctx.causal)
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
 
 

@@ -15,7 +15,9 @@ import torch
 
 from yaie.kernels._numba import (
     cuda,
+    flat_words,
     integers,
+    load_word,
     pow2_threads,
     runs_here,
     stream_for,
@@ -46,39 +48,45 @@ def write_kv_reference(
 
 
 _WORDS_PER_THREAD = 4
+_MAX_THREADS = 256
 
 
 @cuda.jit(cache=True)
-def write_kv_kernel(k, v, k_cache, v_cache, slot_mapping):
-    """One block stores one token's K and V rows; padded tokens (slot < 0) return at once.
+def write_kv_kernel(k, k_stride, v, v_stride, k_cache, v_cache, slot_mapping):
+    """Block ``(t, y)`` stores words ``y * span .. (y + 1) * span`` of token ``t``'s K and V
+    rows (``span = _WORDS_PER_THREAD * blockDim``; one block covers a Llama-3-8B row of 8 KV
+    heads x 128 bf16); padded tokens (slot < 0) store nothing.
 
-    Arguments are 8-byte-word views with a token's heads flattened into one row: k, v
-    ``[T, Hkv * W]`` (row-strided slices of the QKV output qualify), caches ``[slots, Hkv * W]``.
-    Thread ``t`` owns words ``t + r * blockDim`` of the row: it loads all of them, K and V,
-    before storing any (numba cannot tell that the caches don't alias k and v, so an earlier
-    store would hold back later loads). A warp reads consecutive words of the token's row and
-    writes consecutive words of its slot's row.
+    k, v: flat word arrays, token ``t``'s row (its KV heads, flattened) at word
+    ``t * k_stride`` (row-strided slices of the QKV output qualify); caches ``[slots, row]``
+    words. Thread ``i`` owns words ``i + r * blockDim`` of the span: a warp reads consecutive
+    words of the token's row and writes consecutive words of its slot's row. Every load, the
+    slot's and the rows', is issued before any of them is used (``load_word``): the slot
+    decides only whether to store, and waiting for it before loading the rows would put a
+    second round trip to memory on a kernel that is little more than one.
     """
-    t = cuda.blockIdx.x
+    t = np.uint64(cuda.blockIdx.x)
     slot = slot_mapping[t]
-    if slot < 0:
-        return
-    n = k.shape[1]
+    n = np.uint64(k_cache.shape[1])
+    tid = np.uint64(cuda.threadIdx.x)
+    step = np.uint64(cuda.blockDim.x)
+    first = np.uint64(cuda.blockIdx.y) * step * np.uint64(_WORDS_PER_THREAD) + tid
+    last = n - np.uint64(1)
+    k_row = t * np.uint64(k_stride)
+    v_row = t * np.uint64(v_stride)
     keys = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
     values = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
-    base = cuda.threadIdx.x
-    while base < n:
+    for r in range(_WORDS_PER_THREAD):
+        i = min(first + np.uint64(r) * step, last)
+        keys[r] = load_word(k, k_row + i)
+        values[r] = load_word(v, v_row + i)
+    if slot >= 0:
+        row = np.uint64(slot)
         for r in range(_WORDS_PER_THREAD):
-            i = base + r * cuda.blockDim.x
+            i = first + np.uint64(r) * step
             if i < n:
-                keys[r] = np.uint64(k[t, i])
-                values[r] = np.uint64(v[t, i])
-        for r in range(_WORDS_PER_THREAD):
-            i = base + r * cuda.blockDim.x
-            if i < n:
-                k_cache[slot, i] = keys[r]
-                v_cache[slot, i] = values[r]
-        base += _WORDS_PER_THREAD * cuda.blockDim.x
+                k_cache[row, i] = keys[r]
+                v_cache[row, i] = values[r]
 
 
 def numba_supports(
@@ -116,11 +124,16 @@ def write_kv_numba(
 ) -> None:
     """The numba kernel's ``write_kv``."""
     k_rows, v_rows = k.flatten(1), v.flatten(1)  # views when heads are adjacent, else copies
+    k_flat, (k_stride,) = flat_words(k_rows)
+    v_flat, (v_stride,) = flat_words(v_rows)
     words_per_row = k_rows.shape[1] * k.element_size() // 8
-    threads = pow2_threads(-(-words_per_row // _WORDS_PER_THREAD))
-    write_kv_kernel[k.shape[0], threads, stream_for(k)](
-        words(k_rows),
-        words(v_rows),
+    threads = pow2_threads(-(-words_per_row // _WORDS_PER_THREAD), hi=_MAX_THREADS)
+    spans = -(-words_per_row // (threads * _WORDS_PER_THREAD))
+    write_kv_kernel[(k.shape[0], spans), threads, stream_for(k)](
+        k_flat,
+        k_stride,
+        v_flat,
+        v_stride,
         words(k_cache.view(-1, k_rows.shape[1])),
         words(v_cache.view(-1, v_rows.shape[1])),
         integers(slot_mapping),

@@ -41,7 +41,8 @@ import torch
 from yaie.kernels._numba import (
     F32,
     KINDS,
-    SIMULATOR,
+    NEG_SCORE,
+    array_view,
     cuda,
     pack,
     runs_here,
@@ -49,33 +50,11 @@ from yaie.kernels._numba import (
     unpack,
     words,
     words_fit,
+    xor_shuffle,
 )
 
 THREADS = 128
 
-_NEG = np.float32(-1.0e30)
-
-
-if SIMULATOR:
-
-    @cuda.jit(device=True)
-    def xor_shuffle(value, offset):
-        """``value`` of lane ``lane ^ offset``, through shared memory: the simulator has no
-        shuffles (every thread of the block must call it)."""
-        scratch = cuda.shared.array(THREADS, np.float32)
-        tid = cuda.threadIdx.x
-        scratch[tid] = value
-        cuda.syncthreads()
-        other = scratch[tid ^ offset]
-        cuda.syncthreads()
-        return np.float32(other)
-
-else:
-
-    @cuda.jit(device=True)
-    def xor_shuffle(value, offset):
-        """``value`` of lane ``lane ^ offset`` (a butterfly step over the full warp)."""
-        return cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
 
 
 def tile_shape(head_dim: int) -> tuple[int, int]:
@@ -121,8 +100,8 @@ def prefill_kernel(kind: int, group: int, head_dim: int, block_size: int):
     padded_dim, padded_keys = head_dim + 1, keys + 1  # one float of padding: no bank conflicts
 
     @cuda.jit(cache=True, fastmath=True)
-    def kernel(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seq_ids,
-               kv_stride, scale_log2):
+    def paged_prefill(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                      seq_ids, kv_stride, scale_log2):
         """out/q: words ``[T, Hq, W]``; caches: flat words (see ``decode_attention``)."""
         tile = cuda.blockIdx.x
         kv_head = cuda.blockIdx.y
@@ -157,7 +136,7 @@ def prefill_kernel(kind: int, group: int, head_dim: int, block_size: int):
             for e in range(vec):
                 sq[rr, w * vec + e] = unpack(word, e, kind) * scale_log2
 
-        m = _NEG
+        m = NEG_SCORE
         lsum = np.float32(0.0)
         acc = cuda.local.array(dims_per_lane, np.float32)
         for j in range(dims_per_lane):
@@ -178,10 +157,10 @@ def prefill_kernel(kind: int, group: int, head_dim: int, block_size: int):
                 qv = sq[r, d]
                 for c in range(keys_per_lane):
                     s[c] += qv * skv[lane + lpr * c, d]
-            tile_max = _NEG
+            tile_max = NEG_SCORE
             for c in range(keys_per_lane):
                 if not row_ok or k0 + lane + lpr * c > pos:
-                    s[c] = _NEG
+                    s[c] = NEG_SCORE
                 tile_max = max(tile_max, s[c])
             width = lpr // 2
             while width > 0:
@@ -192,7 +171,7 @@ def prefill_kernel(kind: int, group: int, head_dim: int, block_size: int):
             m = new_m
             row_sum = np.float32(0.0)
             for c in range(keys_per_lane):
-                p = math.exp2(s[c] - new_m) if s[c] > _NEG else np.float32(0.0)
+                p = math.exp2(s[c] - new_m) if s[c] > NEG_SCORE else np.float32(0.0)
                 sp[r, lane + lpr * c] = p
                 row_sum += p
             width = lpr // 2
@@ -226,7 +205,7 @@ def prefill_kernel(kind: int, group: int, head_dim: int, block_size: int):
                     word |= pack(sq[r, w * vec + e], e, kind)
                 out[q_start + token, head, w] = word
 
-    return kernel
+    return paged_prefill
 
 
 def prefill_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -250,9 +229,6 @@ def prefill_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         and words_fit(q)
     )
 
-
-def _array(t: torch.Tensor):
-    return cuda.as_cuda_array(t) if t.is_cuda else t.numpy()
 
 
 def paged_prefill_attention(
@@ -284,6 +260,6 @@ def paged_prefill_attention(
     kernel = prefill_kernel(kind, group, head_dim, block_size)
     kernel[(tiles, num_kv_heads, num_prefills), THREADS, stream_for(q)](
         words(out), words(q), words(k_cache.view(-1)), words(v_cache.view(-1)),
-        *(_array(t) for t in (block_tables, seq_lens, query_start_loc, seq_ids)),
+        *(array_view(t) for t in (block_tables, seq_lens, query_start_loc, seq_ids)),
         np.int64(kv_stride), np.float32(scale * math.log2(math.e)),
     )

@@ -19,7 +19,9 @@ from yaie.kernels._numba import (
     BF16,
     F16,
     F32,
+    SIMULATOR,
     cuda,
+    flat_words,
     pack,
     per_word,
     pow2_threads,
@@ -31,8 +33,11 @@ from yaie.kernels._numba import (
 )
 
 _MAX_THREADS = 1024
-_WORDS_PER_THREAD = 4
-"""Register-resident words per thread: rows up to 4 * 1024 words (16K bf16, 8K fp32 values)."""
+_MAX_WARPS = _MAX_THREADS // 32
+_WORDS_PER_THREAD = 8
+"""Register-resident words per thread: rows up to 8 * 1024 words (32K bf16, 16K fp32 values).
+A Llama-3-8B row (4,096 bf16 values, 1,024 words) takes a block of 128 threads: small blocks,
+many resident per multiprocessor, each with its whole row's loads in flight at once."""
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,122 +62,157 @@ def fused_add_rms_norm_reference(
 # --- numba.cuda kernel ----------------------------------------------------------------------------
 
 
-@cuda.jit(device=True)
-def _block_sum(value, scratch):
-    """Sum ``value`` over the block (a power-of-two size); every thread gets the total.
+if SIMULATOR:
 
-    A shared-memory tree: each round, the lower half of the live threads adds the upper half's
-    partials, ``log2(blockDim)`` rounds in all. Warp shuffles would save the last five barriers,
-    but numba's CUDA simulator, which CI runs these kernels in, has none; one reduction per row
-    costs a few hundred cycles against the microseconds the row's bytes take.
-    """
-    tid = cuda.threadIdx.x
-    scratch[tid] = value
-    cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if tid < stride:
-            scratch[tid] += scratch[tid + stride]
+    @cuda.jit(device=True)
+    def _block_sum(value):
+        """Sum ``value`` over the block (a power-of-two size, at least one warp); every thread
+        gets the total. The simulator has no warp shuffles: this twin reduces by a tree in
+        shared memory, halving the live threads each round."""
+        scratch = cuda.shared.array(_MAX_THREADS, np.float32)
+        tid = cuda.threadIdx.x
+        scratch[tid] = value
         cuda.syncthreads()
-        stride //= 2
-    return scratch[0]
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                scratch[tid] += scratch[tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        return scratch[0]
+
+else:
+
+    @cuda.jit(device=True)
+    def _block_sum(value):
+        """Sum ``value`` over the block (a power-of-two size, at least one warp); every thread
+        gets the total. Five xor-shuffle steps sum each warp in registers; lane 0 of every warp
+        posts its warp's sum to shared memory, and after the block's one barrier each thread
+        adds up the (at most 32) warp sums itself, a broadcast read."""
+        scratch = cuda.shared.array(_MAX_WARPS, np.float32)
+        width = 16
+        while width > 0:
+            value += cuda.shfl_xor_sync(0xFFFFFFFF, value, width)
+            width //= 2
+        tid = cuda.threadIdx.x
+        if tid % 32 == 0:
+            scratch[tid // 32] = value
+        cuda.syncthreads()
+        total = np.float32(0.0)
+        for w in range(cuda.blockDim.x // 32):
+            total += scratch[w]
+        return total
 
 
 @cuda.jit(device=True)
-def _rms_norm_row(x, residual, weight, out, eps, fused, kind):
-    """One block normalizes one row ``x[a, b, :]`` (rows of ``[A, B, words]`` views).
+def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, kind):
+    """One block normalizes one row of ``n_words = weight.size`` 8-byte words.
 
-    Block ``r`` owns row ``(r // B, r % B)``; thread ``t`` owns words ``t + k * blockDim`` for
-    ``k < _WORDS_PER_THREAD``, so each load instruction is one coalesced sweep of 8 bytes per
-    thread across the warp. A thread first loads all its words of ``x`` (and ``residual``) and
-    of ``weight`` into registers (fixed-size local arrays whose loops unroll), so every load is
-    in flight at once and the row is read from memory once. Only then does it store: numba
-    cannot tell that outputs don't alias inputs, so a store placed between two loads would
-    make the second wait for the first's round trip.
+    Operands are flat word arrays; block ``(a, b)`` of the ``[A, B]`` grid owns the row of
+    ``x`` at word ``a * x_strides[0] + b * x_strides[1]`` (2-D hidden states are a ``[T, 1]``
+    grid, q/k heads of a fused QKV output a ``[tokens, heads]`` one), likewise of
+    ``residual``, and row ``a * B + b`` of the contiguous ``out``. Thread
+    ``t`` owns words ``t + k * blockDim`` for ``k < _WORDS_PER_THREAD``, so each load
+    instruction is one coalesced sweep of 8 bytes per thread across the warp. A thread first
+    loads all its words of ``x`` (and ``residual``) and of ``weight`` into registers
+    (fixed-size local arrays whose loops unroll), so every load is in flight at once and the
+    row is read from memory once. Only then does it store: numba cannot tell that outputs
+    don't alias inputs, so a store placed between two loads would make the second wait for
+    the first's round trip.
+
+    The kernel runs short of instruction issue slots before it runs short of bandwidth (a
+    Llama-3-8B row is 16 KB of traffic for 128 threads), so the bookkeeping is lean: flat
+    arrays and unsigned indices (numba adds a negative-index fix-up to every signed one, and
+    a stride multiply to every index of a strided array), and unconditional loads from an
+    index clamped into the row, which need no branches; only the sum and the stores are
+    masked to the thread's own words.
 
     Fused variant: ``x + residual`` is rounded to the activation dtype and stored back into
     ``residual`` (the reference's in-place add), and that rounded sum is what gets normalized.
     Squares accumulate in fp32; a block reduction gives every thread ``1 / rms``; the output is
     ``x * inv_rms * weight``, rounded once.
     """
-    rows_b = x.shape[1]
-    a = cuda.blockIdx.x // rows_b
-    b = cuda.blockIdx.x - a * rows_b
-    tid = cuda.threadIdx.x
-    step = cuda.blockDim.x
-    n_words = x.shape[2]
+    n_words = np.uint64(weight.shape[0])
+    a = np.uint64(cuda.blockIdx.x)
+    b = np.uint64(cuda.blockIdx.y)
+    x0 = a * np.uint64(x_strides[0]) + b * np.uint64(x_strides[1])
+    res0 = a * np.uint64(res_strides[0]) + b * np.uint64(res_strides[1])
+    out0 = (a * np.uint64(cuda.gridDim.y) + b) * n_words
+    tid = np.uint64(cuda.threadIdx.x)
+    step = np.uint64(cuda.blockDim.x)
+    last = n_words - np.uint64(1)
     vec = per_word(kind)
 
     row = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
     other = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
     w = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
     for k in range(_WORDS_PER_THREAD):
-        i = tid + k * step
-        if i < n_words:
-            row[k] = np.uint64(x[a, b, i])
-            if fused:
-                other[k] = np.uint64(residual[a, b, i])
-            w[k] = np.uint64(weight[i])
+        i = min(tid + np.uint64(k) * step, last)
+        row[k] = np.uint64(x[x0 + i])
+        if fused:
+            other[k] = np.uint64(residual[res0 + i])
+        w[k] = np.uint64(weight[i])
 
     acc = np.float32(0.0)
     for k in range(_WORDS_PER_THREAD):
-        i = tid + k * step
-        if i < n_words:
-            if fused:
-                summed = np.uint64(0)
-                for j in range(vec):
-                    summed |= pack(unpack(row[k], j, kind) + unpack(other[k], j, kind), j, kind)
-                residual[a, b, i] = summed
-                row[k] = summed
+        if fused:
+            summed = np.uint64(0)
             for j in range(vec):
-                v = unpack(row[k], j, kind)
-                acc += v * v
-    scratch = cuda.shared.array(_MAX_THREADS, np.float32)
-    total = _block_sum(acc, scratch)
+                summed |= pack(unpack(row[k], j, kind) + unpack(other[k], j, kind), j, kind)
+            row[k] = summed
+        squares = np.float32(0.0)
+        for j in range(vec):
+            v = unpack(row[k], j, kind)
+            squares += v * v
+        if tid + np.uint64(k) * step < n_words:
+            acc += squares
+    total = _block_sum(acc)
     inv_rms = np.float32(1.0) / math.sqrt(total / np.float32(n_words * vec) + eps)
 
     for k in range(_WORDS_PER_THREAD):
-        i = tid + k * step
+        i = tid + np.uint64(k) * step
         if i < n_words:
+            if fused:
+                residual[res0 + i] = row[k]
             normed = np.uint64(0)
             for j in range(vec):
                 normed |= pack(unpack(row[k], j, kind) * inv_rms * unpack(w[k], j, kind), j, kind)
-            out[a, b, i] = normed
+            out[out0 + i] = normed
 
 
 # One kernel per dtype and variant: ``kind`` and ``fused`` must be compile-time constants
-# (see yaie.kernels._numba). Arguments are 8-byte-word views: x, residual, out [A, B, W];
-# weight [W]; eps float32.
+# (see yaie.kernels._numba). Arguments: x, residual, weight, out as flat 8-byte-word arrays,
+# row strides (in words) of x and residual, eps float32; the grid is the [A, B] grid of rows.
 
 
 @cuda.jit(cache=True)
-def rms_norm_f32(x, weight, out, eps):
-    _rms_norm_row(x, x, weight, out, eps, False, F32)
+def rms_norm_f32(x, x_strides, weight, out, eps):
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F32)
 
 
 @cuda.jit(cache=True)
-def rms_norm_bf16(x, weight, out, eps):
-    _rms_norm_row(x, x, weight, out, eps, False, BF16)
+def rms_norm_bf16(x, x_strides, weight, out, eps):
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, BF16)
 
 
 @cuda.jit(cache=True)
-def rms_norm_f16(x, weight, out, eps):
-    _rms_norm_row(x, x, weight, out, eps, False, F16)
+def rms_norm_f16(x, x_strides, weight, out, eps):
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F16)
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_f32(x, residual, weight, out, eps):
-    _rms_norm_row(x, residual, weight, out, eps, True, F32)
+def fused_add_rms_norm_f32(x, x_strides, residual, res_strides, weight, out, eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F32)
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_bf16(x, residual, weight, out, eps):
-    _rms_norm_row(x, residual, weight, out, eps, True, BF16)
+def fused_add_rms_norm_bf16(x, x_strides, residual, res_strides, weight, out, eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, BF16)
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_f16(x, residual, weight, out, eps):
-    _rms_norm_row(x, residual, weight, out, eps, True, F16)
+def fused_add_rms_norm_f16(x, x_strides, residual, res_strides, weight, out, eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F16)
 
 
 RMS_NORM_KERNELS = {
@@ -190,6 +230,13 @@ FUSED_ADD_RMS_NORM_KERNELS = {
 def _rows_3d(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a ``[A, B, H]`` view: 2-D hidden states become ``[T, 1, H]``."""
     return t.view(1, 1, -1) if t.dim() == 1 else t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def _rows(t: torch.Tensor) -> tuple[object, tuple[int, ...]]:
+    """``t`` as (flat words, word strides of its ``[A, B]`` grid of rows): hidden states
+    ``[T, H]`` are a ``[T, 1]`` grid, q/k heads ``[T, heads, D]`` a ``[T, heads]`` one with
+    the fused QKV output's strides."""
+    return flat_words(_rows_3d(t))
 
 
 def _threads(x: torch.Tensor) -> int:
@@ -217,15 +264,20 @@ def numba_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _launch(kernel, x: torch.Tensor, *operands) -> None:
+    """One block per row: the grid is ``x``'s ``[A, B]`` grid of rows (no index division)."""
+    x3 = _rows_3d(x)
+    kernel[(x3.shape[0], x3.shape[1]), _threads(x), stream_for(x)](*operands)
+
+
 def rms_norm_numba(
     x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The numba kernel's ``rms_norm``; ``out`` (contiguous, ``x``'s shape) may be given."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    x3 = _rows_3d(x)
-    RMS_NORM_KERNELS[x.dtype][x3.shape[0] * x3.shape[1], _threads(x), stream_for(x)](
-        words(x3), words(weight), words(_rows_3d(out)), np.float32(eps)
-    )
+    flat, strides = _rows(x)
+    _launch(RMS_NORM_KERNELS[x.dtype], x, flat, strides, words(weight), words(out.view(-1)),
+            np.float32(eps))
     return out
 
 
@@ -238,14 +290,10 @@ def fused_add_rms_norm_numba(
 ) -> torch.Tensor:
     """The numba kernel's ``fused_add_rms_norm``: ``residual += x`` in place, returns the norm."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    x3 = _rows_3d(x)
-    FUSED_ADD_RMS_NORM_KERNELS[x.dtype][x3.shape[0] * x3.shape[1], _threads(x), stream_for(x)](
-        words(x3),
-        words(_rows_3d(residual)),
-        words(weight),
-        words(_rows_3d(out)),
-        np.float32(eps),
-    )
+    flat, strides = _rows(x)
+    res_flat, res_strides = _rows(residual)
+    _launch(FUSED_ADD_RMS_NORM_KERNELS[x.dtype], x, flat, strides, res_flat, res_strides,
+            words(weight), words(out.view(-1)), np.float32(eps))
     return out
 
 

@@ -15,48 +15,20 @@ reference run in float64 by ‖out − ref‖ / ‖ref‖.
 from __future__ import annotations
 
 import importlib
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
+from kernel_helpers import check, gpu, relative_error, run_in_simulator, sim
 
 from yaie.kernels._numba import BF16, F32
 from yaie.model.attention import AttentionMetadata
-
-SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 attention_mod = importlib.import_module("yaie.kernels.attention")
 decode_mod = importlib.import_module("yaie.kernels.decode_attention")
 prefill_mod = importlib.import_module("yaie.kernels.prefill_attention")
 flash_mod = importlib.import_module("yaie.kernels.flash_attention")
 copy_mod = importlib.import_module("yaie.kernels.block_copy")
-
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-sim = pytest.mark.skipif(
-    not SIMULATED,
-    reason="runs in the CUDA-simulator subprocess (test_attention_kernels_in_cuda_simulator)",
-)
-
-
-def gpu(fn):
-    """``@pytest.mark.gpu``, skipped where there is no CUDA GPU (or inside the simulator)."""
-    no_gpu = SIMULATED or not torch.cuda.is_available()
-    return pytest.mark.gpu(pytest.mark.skipif(no_gpu, reason="needs a CUDA GPU")(fn))
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not out.isnan().any(), "an output element was left unwritten (still NaN)"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    err = _rel_err(out, ref)
-    assert err < TOLERANCE[dtype], f"relative error {err:.2e} for {dtype}"
-
 
 # --- a paged batch and its float64 reference ----------------------------------------------------
 
@@ -134,7 +106,7 @@ class Batch:
 def check_decode(batch: Batch, part_tokens: int | None) -> None:
     out = batch.poisoned()
     batch.decode(out, part_tokens)
-    _check(out.cpu(), batch.ref, batch.q.dtype)
+    check(out.cpu(), batch.ref, batch.q.dtype)
 
 
 def check_mixed(batch: Batch) -> None:
@@ -142,7 +114,7 @@ def check_mixed(batch: Batch) -> None:
     out = batch.poisoned()
     batch.decode(out, None)
     batch.prefill(out)
-    _check(out.cpu(), batch.ref, batch.q.dtype)
+    check(out.cpu(), batch.ref, batch.q.dtype)
 
 
 def check_flash(batch: int, heads: int, length: int, head_dim: int, causal: bool,
@@ -157,9 +129,9 @@ def check_flash(batch: int, heads: int, length: int, head_dim: int, causal: bool
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     out = flash_mod.flash_attention(*inputs, causal=causal)
     out.backward(grad)
-    _check(out.detach().cpu(), ref.detach(), torch.float32)
+    check(out.detach().cpu(), ref.detach(), torch.float32)
     for got, want in zip(inputs, ref_inputs):
-        _check(got.grad.cpu(), want.grad, torch.float32)
+        check(got.grad.cpu(), want.grad, torch.float32)
 
 
 def check_copy_blocks(shape: tuple[int, ...], pairs: int, dtype: torch.dtype, device: str) -> None:
@@ -177,19 +149,7 @@ def check_copy_blocks(shape: tuple[int, ...], pairs: int, dtype: torch.dtype, de
 
 def test_attention_kernels_in_cuda_simulator() -> None:
     """Run this module's ``sim`` tests in a fresh interpreter with the simulator switched on."""
-    if SIMULATED:
-        pytest.skip("already running in the simulator")
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_in_simulator(__file__)
 
 
 @sim
@@ -233,10 +193,16 @@ def test_sim_copy_blocks() -> None:
 
 
 def test_partition_plan_splits_only_small_batches() -> None:
-    cpu = torch.device("cpu")  # the simulator's pretend GPU of 8 multiprocessors
+    cpu = torch.device("cpu")  # the simulator's pretend GPU of 8 multiprocessors: 32 slots
+    step = decode_mod.tokens_per_iteration(BF16, 128)
+    # 64 x 8 blocks fill the GPU many times over: no split.
     assert decode_mod.plan_partitions(64, 8, 4096, BF16, 128, cpu) >= 4096
+    # One request, one KV head: its context is cut to fill one wave of the 32 slots.
     part = decode_mod.plan_partitions(1, 1, 4096, BF16, 128, cpu)
-    assert part == 256 and part % decode_mod.tokens_per_iteration(BF16, 128) == 0
+    assert part % step == 0 and -(-4096 // part) == 16
+    # 12 pairs: as many partitions as make whole waves of blocks (8 x 12 = 3 x 32).
+    part = decode_mod.plan_partitions(3, 4, 4096, BF16, 128, cpu)
+    assert -(-4096 // part) * 12 % 32 == 0
     # Never partitions shorter than MIN_PARTITION, whatever the occupancy wants.
     assert decode_mod.plan_partitions(1, 1, 300, F32, 64, cpu) >= 300
 
@@ -246,7 +212,7 @@ def test_cpu_tensors_take_the_reference_path() -> None:
     out = attention_mod.paged_attention(
         batch.q, batch.k_cache, batch.v_cache, batch.meta, batch.scale
     )
-    assert _rel_err(out, batch.ref) < 1e-5
+    assert relative_error(out, batch.ref) < 1e-5
 
 
 # --- GPU: Llama-3-8B sizes -----------------------------------------------------------------------
@@ -302,7 +268,7 @@ def test_gpu_paged_attention_dispatch(backend: str, monkeypatch: pytest.MonkeyPa
     out = attention_mod.paged_attention(
         batch.q, batch.k_cache, batch.v_cache, batch.meta, batch.scale
     )
-    _check(out.cpu(), batch.ref, torch.bfloat16)
+    check(out.cpu(), batch.ref, torch.bfloat16)
 
 
 @gpu
@@ -321,7 +287,7 @@ def test_gpu_decode_replays_in_a_cuda_graph() -> None:
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    _check(out.cpu(), batch.reference(), torch.bfloat16)
+    check(out.cpu(), batch.reference(), torch.bfloat16)
 
 
 @gpu

@@ -17,35 +17,21 @@ and compares with the reference run in float64 by ‖out − ref‖ / ‖ref‖.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from kernel_helpers import check, gpu, run_in_simulator, sim
 
 from yaie.kernels._numba import words_fit
 from yaie.kernels.build import warmup
-
-SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 rms_norm_mod = importlib.import_module("yaie.kernels.rms_norm")
 rotary_mod = importlib.import_module("yaie.kernels.rotary")
 activation_mod = importlib.import_module("yaie.kernels.activation")
 kv_cache_mod = importlib.import_module("yaie.kernels.kv_cache")
+layer_norm_mod = importlib.import_module("yaie.kernels.layer_norm")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-sim = pytest.mark.skipif(
-    not SIMULATED, reason="runs in the CUDA-simulator subprocess (test_kernels_in_cuda_simulator)"
-)
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert not out.isnan().any(), "an output element was left unwritten (still NaN)"
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err < TOLERANCE[dtype], f"relative error {err:.2e} for {dtype}"
 
 
 def _qkv(
@@ -64,7 +50,7 @@ def check_rms_norm(x: torch.Tensor) -> None:
     weight = torch.randn(x.shape[-1], dtype=x.dtype, device=x.device)
     out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
     rms_norm_mod.rms_norm_numba(x, weight, eps, out=out)
-    _check(out, rms_norm_mod.rms_norm_reference(x.double(), weight.double(), eps), x.dtype)
+    check(out, rms_norm_mod.rms_norm_reference(x.double(), weight.double(), eps), x.dtype)
 
 
 def check_fused_add_rms_norm(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> None:
@@ -76,8 +62,8 @@ def check_fused_add_rms_norm(shape: tuple[int, ...], dtype: torch.dtype, device:
     ref = rms_norm_mod.fused_add_rms_norm_reference(x.double(), residual_ref, weight.double(), eps)
     out = torch.full(shape, float("nan"), dtype=dtype, device=device)
     rms_norm_mod.fused_add_rms_norm_numba(x, residual, weight, eps, out=out)
-    _check(residual, residual_ref, dtype)
-    _check(out, ref, dtype)
+    check(residual, residual_ref, dtype)
+    check(out, ref, dtype)
 
 
 def check_rotary(
@@ -97,8 +83,8 @@ def check_rotary(
     q_ref, k_ref = q.double(), k.double()
     rotary_mod.apply_rotary_reference(positions, q_ref, k_ref, cache.double(), is_neox)
     rotary_mod.apply_rotary_numba(positions, q, k, cache, is_neox)
-    _check(q, q_ref, dtype)
-    _check(k, k_ref, dtype)
+    check(q, q_ref, dtype)
+    check(k, k_ref, dtype)
     assert torch.equal(v, v_before), "rotary wrote outside q and k"
 
 
@@ -106,7 +92,38 @@ def check_silu_and_mul(tokens: int, size: int, dtype: torch.dtype, device: str) 
     x = torch.randn(tokens, 2 * size, dtype=dtype, device=device) * 3
     out = torch.full((tokens, size), float("nan"), dtype=dtype, device=device)
     activation_mod.silu_and_mul_numba(x, out)
-    _check(out, activation_mod.silu_and_mul_reference(x.double()), dtype)
+    check(out, activation_mod.silu_and_mul_reference(x.double()), dtype)
+
+
+def check_layer_norm(x: torch.Tensor) -> None:
+    """LayerNorm on rows whose mean is far from zero, as on GPT-2's residual stream."""
+    x = x * 3 + 20
+    weight, bias = torch.randn(2, x.shape[-1], dtype=x.dtype, device=x.device)
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+    layer_norm_mod.layer_norm_numba(x, weight, bias, 1e-5, out=out)
+    ref = layer_norm_mod.layer_norm_reference(x.double(), weight.double(), bias.double(), 1e-5)
+    check(out, ref, x.dtype)
+
+
+def check_fused_add_layer_norm(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> None:
+    x = torch.randn(shape, dtype=dtype, device=device)
+    residual = torch.randn(shape, dtype=dtype, device=device) * 4 + 10
+    weight, bias = torch.randn(2, shape[-1], dtype=dtype, device=device)
+    residual_ref = residual.double()
+    ref = layer_norm_mod.fused_add_layer_norm_reference(
+        x.double(), residual_ref, weight.double(), bias.double(), 1e-5
+    )
+    out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    layer_norm_mod.fused_add_layer_norm_numba(x, residual, weight, bias, 1e-5, out=out)
+    check(residual, residual_ref, dtype)
+    check(out, ref, dtype)
+
+
+def check_gelu_tanh(tokens: int, size: int, dtype: torch.dtype, device: str) -> None:
+    x = torch.randn(tokens, size, dtype=dtype, device=device) * 3
+    out = torch.full((tokens, size), float("nan"), dtype=dtype, device=device)
+    activation_mod.gelu_tanh_numba(x, out)
+    check(out, activation_mod.gelu_tanh_reference(x.double()), dtype)
 
 
 def check_write_kv(
@@ -138,19 +155,7 @@ def check_write_kv(
 
 def test_kernels_in_cuda_simulator() -> None:
     """Run this module's ``sim`` tests in a fresh interpreter with the simulator switched on."""
-    if SIMULATED:
-        pytest.skip("already running in the simulator")
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_in_simulator(__file__)
 
 
 @sim
@@ -194,6 +199,25 @@ def test_sim_silu_and_mul(size: int, dtype: torch.dtype) -> None:
 
 @sim
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 64), (1, 200)])
+def test_sim_layer_norm(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    check_layer_norm(torch.randn(shape, dtype=dtype))
+
+
+@sim
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sim_fused_add_layer_norm(dtype: torch.dtype) -> None:
+    check_fused_add_layer_norm((2, 100), dtype, "cpu")
+
+
+@sim
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sim_gelu_tanh(dtype: torch.dtype) -> None:
+    check_gelu_tanh(3, 100, dtype, "cpu")
+
+
+@sim
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kv_heads,head_dim,block_size", [(3, 64, 16), (1, 128, 32)])
 def test_sim_write_kv(kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> None:
     check_write_kv(6, kv_heads, head_dim, block_size, 3, dtype, "cpu")
@@ -225,17 +249,14 @@ def test_sim_unaligned_operands_are_left_to_the_reference() -> None:
     assert not rotary_mod.numba_supports(torch.arange(2), q, k, cache)
     assert not activation_mod.numba_supports(torch.randn(2, 12, dtype=torch.bfloat16))
     assert rms_norm_mod.numba_supports(torch.randn(2, 8), torch.ones(8))
+    assert not layer_norm_mod.numba_supports(q, torch.ones(6, dtype=torch.bfloat16), q[0, 0])
+    assert not activation_mod.gelu_numba_supports(torch.randn(2, 3, dtype=torch.bfloat16))
+    assert not activation_mod.gelu_numba_supports(torch.randn(4, 8)[:, :4])  # not contiguous
 
 
 # --- GPU: Llama-3-8B step sizes (4,096 tokens, hidden 4096, 32/8 heads of 128, MLP 14336) --------
 
 TOKENS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 4096, 32, 8, 128, 14336
-
-
-def gpu(fn):
-    """``@pytest.mark.gpu``, skipped where there is no CUDA GPU (or inside the simulator)."""
-    no_gpu = SIMULATED or not torch.cuda.is_available()
-    return pytest.mark.gpu(pytest.mark.skipif(no_gpu, reason="needs a CUDA GPU")(fn))
 
 
 @gpu
@@ -267,6 +288,17 @@ def test_gpu_rotary(is_neox: bool, dtype: torch.dtype) -> None:
 def test_gpu_silu_and_mul(dtype: torch.dtype) -> None:
     check_silu_and_mul(TOKENS, INTERMEDIATE, dtype, "cuda")
     check_silu_and_mul(3, 1540, dtype, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_layer_norm_and_gelu_tanh(dtype: torch.dtype) -> None:
+    """GPT-2-large sizes (hidden 1280, MLP 5120), and rows of odd word counts."""
+    check_layer_norm(torch.randn(TOKENS, 1280, dtype=dtype, device="cuda"))
+    check_layer_norm(torch.randn(7, 5128, dtype=dtype, device="cuda"))
+    check_fused_add_layer_norm((TOKENS, 1280), dtype, "cuda")
+    check_gelu_tanh(TOKENS, 5120, dtype, "cuda")
+    check_gelu_tanh(3, 1540, dtype, "cuda")
 
 
 @gpu
@@ -334,10 +366,10 @@ def test_gpu_kernels_replay_in_a_cuda_graph() -> None:
     k_rows = k.clone()
     graph.replay()
     torch.cuda.synchronize()
-    _check(residual, expected_residual, dtype)
-    _check(normed, expected_normed, dtype)
-    _check(q, q_ref, dtype)
-    _check(act, expected_act, dtype)
+    check(residual, expected_residual, dtype)
+    check(normed, expected_normed, dtype)
+    check(q, q_ref, dtype)
+    check(act, expected_act, dtype)
     written = k_cache.flatten(0, 1)[slots]
-    _check(written, k_ref, dtype)
+    check(written, k_ref, dtype)
     assert not torch.equal(written, k_rows), "write_kv ran before the rotation"

@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 from yaie.kernels import (
     apply_rotary,
     build_cos_sin_cache,
+    fused_add_layer_norm,
     fused_add_rms_norm,
+    gelu_tanh,
+    layer_norm,
     linear,
     pack_weight,
     paged_attention,
@@ -65,6 +68,40 @@ def test_silu_and_mul() -> None:
     expected = gate / (1 + torch.exp(-gate)) * up
     out = silu_and_mul(x)
     assert out.shape == (6, 40) and out.is_contiguous()
+    _close(out, expected)
+
+
+def _naive_layer_norm(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float
+) -> torch.Tensor:
+    centered = x.double() - x.double().mean(-1, keepdim=True)
+    std = torch.sqrt((centered**2).mean(-1, keepdim=True) + eps)
+    return centered / std * w.double() + b.double()
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (7, 96), (3, 5, 32)])
+def test_layer_norm(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(shape) * 3 + 40, torch.randn(shape[-1]), torch.randn(shape[-1])
+    _close(layer_norm(x, w, b, 1e-5), _naive_layer_norm(x, w, b, 1e-5))
+
+
+def test_fused_add_layer_norm_updates_residual_in_place() -> None:
+    torch.manual_seed(0)
+    x, residual = torch.randn(5, 48), torch.randn(5, 48)
+    w, b = torch.randn(48), torch.randn(48)
+    expected_sum = x.double() + residual.double()
+    out = fused_add_layer_norm(x, residual, w, b, 1e-5)
+    _close(residual, expected_sum)
+    _close(out, _naive_layer_norm(expected_sum, w, b, 1e-5))
+
+
+def test_gelu_tanh() -> None:
+    x = torch.linspace(-6, 6, 97).view(1, 97)
+    v = x.double()
+    expected = 0.5 * v * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+    out = gelu_tanh(x)
+    assert out.shape == x.shape
     _close(out, expected)
 
 

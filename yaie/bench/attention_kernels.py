@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import random
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from yaie.bench.kernels import GpuTimer
 from yaie.kernels._numba import BF16
 from yaie.model.attention import AttentionMetadata
 
@@ -62,18 +62,7 @@ class AttentionRow:
 
 
 def _median_us(fn: Callable[[], object], iters: int) -> float:
-    for _ in range(3):
-        fn()
-    pairs = []
-    for _ in range(iters):
-        torch.cuda._sleep(_SLEEP_CYCLES)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3
+    return GpuTimer(iters, flush=False, sleep_cycles=_SLEEP_CYCLES)(fn)
 
 
 def copy_bandwidth(iters: int = 20) -> float:

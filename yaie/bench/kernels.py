@@ -47,20 +47,29 @@ class KernelRow:
         return self.bytes / us / 1e3
 
 
-class _Timer:
-    """Median GPU time of a callable, with L2 flushed and host launch time hidden (see module)."""
+class GpuTimer:
+    """Median GPU time of a callable, in microseconds (see the module docstring).
 
-    def __init__(self, iters: int) -> None:
+    ``flush``: read a 256 MB buffer before each iteration, so an op whose operands would fit in
+    L2 reads device memory. ``sleep_cycles``: how long the GPU sleeps ahead of each iteration
+    while the host enqueues it; it must exceed the callable's host-side launch time.
+    """
+
+    def __init__(self, iters: int, flush: bool = True, sleep_cycles: int = _SLEEP_CYCLES) -> None:
         self.iters = iters
-        self.flush = torch.zeros(_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+        self.sleep_cycles = sleep_cycles
+        self.flush = (
+            torch.zeros(_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda") if flush else None
+        )
 
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(3):
             fn()
         pairs = []
         for _ in range(self.iters):
-            self.flush.sum()
-            torch.cuda._sleep(_SLEEP_CYCLES)
+            if self.flush is not None:
+                self.flush.sum()
+            torch.cuda._sleep(self.sleep_cycles)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -70,14 +79,14 @@ class _Timer:
         return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3
 
 
-def copy_us(timer: _Timer, moved: int) -> float:
+def copy_us(timer: GpuTimer, moved: int) -> float:
     """Time of a device-to-device torch copy moving ``moved`` bytes (half read, half written)."""
     src = torch.randint(0, 1 << 30, (moved // 16,), device="cuda")
     dst = torch.empty_like(src)
     return timer(lambda: dst.copy_(src))
 
 
-def measure(tokens: int, timer: _Timer, dtype: torch.dtype = torch.bfloat16) -> list[KernelRow]:
+def measure(tokens: int, timer: GpuTimer, dtype: torch.dtype = torch.bfloat16) -> list[KernelRow]:
     """Time every op at ``tokens`` tokens; numba and torch eager on the same operands."""
     size = torch.empty((), dtype=dtype).element_size()
     cuda = {"device": "cuda", "dtype": dtype}
@@ -164,7 +173,7 @@ def run(tokens: int = 4096, iters: int = 100) -> None:
     if not torch.cuda.is_available():
         raise ValueError("yaie bench kernels needs a CUDA GPU (torch sees none here)")
     warmup(torch.bfloat16)
-    timer = _Timer(iters)
+    timer = GpuTimer(iters)
     gib = 1 << 30
     copy = 2 * gib / copy_us(timer, 2 * gib) / 1e3
     rows = measure(tokens, timer)
