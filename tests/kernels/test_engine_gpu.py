@@ -65,8 +65,10 @@ def test_engine_greedy_tokens_match_the_torch_path(
     # The KV cache gets what is free when the executor sizes it, less all but 4 GiB of what is
     # free now: a few GiB whatever else this process or another holds on the GPU.
     free, total = torch.cuda.mem_get_info()
+    # Eager: every step goes through the dispatch functions, so YAIE_KERNELS=torch below applies
+    # (a CUDA graph would replay the numba kernels it captured).
     args = EngineArgs(
-        model=str(tmp_path), device="cuda", dtype="float32",
+        model=str(tmp_path), device="cuda", dtype="float32", enforce_eager=True,
         gpu_memory_utilization=1 - (free - (4 << 30)) / total,
     )
     executor = ModelExecutor.load(ResolvedModel(tmp_path, "hf_dir", None, "tiny"), args)

@@ -8,6 +8,7 @@ The only host sync per step is reading back the sampled token ids.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from transformers import PretrainedConfig
 
 from yaie.args import EngineArgs, parse_size
 from yaie.core.batch import ScheduledBatch, StepResult
+from yaie.executor.cuda_graph import DecodeGraphs
+from yaie.executor.gpu_memory import kv_cache_budget
 from yaie.executor.sampler import Sampler
 from yaie.hub import ResolvedModel
 from yaie.model import get_model_class
@@ -80,21 +83,32 @@ class ModelExecutor:
         self.sampler = Sampler(seed)
         self.hf_config = hf_config  # the transformers config, when loaded from a checkpoint
         model.allocate_kv_cache(plan.num_blocks, plan.block_size, dtype, device)
+        self.graphs: DecodeGraphs | None = None  # CUDA only, captured by from_weights
 
     @classmethod
     def load(cls, resolved: ResolvedModel, args: EngineArgs) -> ModelExecutor:
         """Load weights and size the KV cache from memory."""
+        dtype = pick_dtype(args.dtype, pick_device(args.device))
+        return cls.from_weights(load_config(resolved), iter_weights(resolved, dtype), args)
+
+    @classmethod
+    def from_weights(
+        cls, hf_config: PretrainedConfig, weights: Iterable[tuple[str, torch.Tensor]],
+        args: EngineArgs,
+    ) -> ModelExecutor:
+        """Build the model of ``hf_config`` from Hugging Face-named ``weights`` (a checkpoint's,
+        or ``yaie.model.presets.random_weights``), size the KV cache, capture decode graphs."""
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        hf_config = load_config(resolved)
         model_config = ModelConfig.from_hf(hf_config)
         model_cls = get_model_class(model_config.architecture)
         with torch.device("meta"):
             model = model_cls(model_config)
         model = model.to_empty(device=device).to(dtype)
-        model.load_weights(iter_weights(resolved, dtype))
+        model.load_weights(weights)
         model.eval()
-        plan = cls._plan_cache(model_config, args, device, dtype)
+        graphs = device.type == "cuda" and not args.enforce_eager
+        plan = cls._plan_cache(model, model_config, args, device, dtype, graphs)
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
             plan.num_blocks,
@@ -102,14 +116,23 @@ class ModelExecutor:
             plan.num_tokens,
             plan.num_blocks * plan.bytes_per_block / 2**20,
         )
-        return cls(model, model_config, plan, device, dtype, args.seed, hf_config)
+        executor = cls(model, model_config, plan, device, dtype, args.seed, hf_config)
+        if graphs:
+            max_len = args.max_model_len or model_config.max_position_embeddings
+            executor.graphs = DecodeGraphs(
+                model, args.max_num_seqs, min(max_len, model_config.max_position_embeddings),
+                args.block_size,
+            )
+        return executor
 
     @staticmethod
-    def _plan_cache(cfg: ModelConfig, args: EngineArgs, device: torch.device, dtype: torch.dtype) -> CachePlan:
+    def _plan_cache(
+        model: torch.nn.Module, cfg: ModelConfig, args: EngineArgs, device: torch.device,
+        dtype: torch.dtype, graphs: bool,
+    ) -> CachePlan:
         per_block = kv_bytes_per_block(cfg, args.block_size, dtype)
         if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            budget = free - (1 - args.gpu_memory_utilization) * total
+            budget = kv_cache_budget(model, args, device, graphs)
         else:
             budget = parse_size(args.kv_cache_memory)
         num_blocks = int(budget // per_block)
@@ -122,6 +145,18 @@ class ModelExecutor:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
+        if self.graphs is not None and self.graphs.fits(batch):
+            hidden = self.graphs.run(batch)  # a decode step: every row samples
+        else:
+            hidden = self._forward_eager(batch)
+            if hidden is None:
+                return StepResult([])
+        logits = self.model.compute_logits(hidden)
+        out = self.sampler.sample(logits, batch.sampling_requests)
+        return StepResult(out.token_ids.tolist(), out.logprobs)
+
+    def _forward_eager(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Hidden states of the rows that sample (``None`` when none does)."""
         device = self.device
         input_ids = torch.tensor(batch.token_ids, dtype=torch.long, device=device)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=device)
@@ -135,8 +170,6 @@ class ModelExecutor:
         )
         hidden = self.model(input_ids, positions, meta)
         if not batch.sample_indices:
-            return StepResult([])
+            return None
         index = torch.tensor(batch.sample_indices, dtype=torch.long, device=device)
-        logits = self.model.compute_logits(hidden.index_select(0, index))
-        out = self.sampler.sample(logits, batch.sampling_requests)
-        return StepResult(out.token_ids.tolist(), out.logprobs)
+        return hidden.index_select(0, index)
