@@ -216,12 +216,14 @@ class LLMEngine:
         streams, origin = self._streams, self._origin
         kv, scheduler = self.kv, self.scheduler
         bs = kv.block_size
+        eos, max_len = self.config.eos_token_ids, self.config.scheduler.max_model_len
         finished = RequestStatus.FINISHED
         generated = 0
         # The simulator runs this loop once per request per step, millions of times: it calls
         # out only when there is work — the radix tree only when a step completed a block
         # (cache_computed is a no-op otherwise), the in-flight prefix table only for steps that
-        # computed prompt tokens (only those can finish advertising one).
+        # computed prompt tokens (only those can finish advertising one) — and the stop checks
+        # are written out here rather than in a method of their own.
         for req, sreq in zip(self._inflight, batch.requests):
             token = next(sampled) if sreq.samples else None
             lp = next(logprobs) if (logprobs is not None and token is not None) else None
@@ -231,20 +233,37 @@ class LLMEngine:
             req.num_computed_tokens = computed = done + sreq.num_new_tokens
             if computed // bs != done // bs:
                 kv.cache_computed(req, now)
-            if done < len(req.prompt_token_ids):
+            prompt = req.prompt_token_ids
+            if done < len(prompt):
                 scheduler.on_step_done(req)
             if token is None:
                 continue
-            req.output_token_ids.append(token)
+            output_ids = req.output_token_ids
+            output_ids.append(token)
             times = req.times
             times.token_times.append(now)
             if times.first_token is None:
                 times.first_token = now
             generated += 1
-            stream = streams.get(req.request_id) if streams else None
-            text = stream.step(token) if stream is not None else ""
-            reason = self._stop_reason(req, token, stream)
             rid = req.request_id
+            stream = streams.get(rid) if streams else None
+            text = stream.step(token) if stream is not None else ""
+            # Stop: an EOS id (unless ignored), a stop token, a stop string the text stream
+            # saw; length: max_tokens, or the context is full.
+            p = req.sampling_params
+            num_output = len(output_ids)
+            if (
+                token in p.stop_token_ids
+                or (not p.ignore_eos and token in eos)
+                or (stream is not None and stream.stopped)
+            ):
+                reason = FinishReason.STOP
+            elif (p.max_tokens is not None and num_output >= p.max_tokens) or (
+                len(prompt) + num_output >= max_len
+            ):
+                reason = FinishReason.LENGTH
+            else:
+                reason = None
             parent, index = origin[rid] if origin and rid in origin else (rid, 0)
             # positional: keyword arguments cost a third more, once per generated token
             out = RequestOutput(
@@ -271,19 +290,6 @@ class LLMEngine:
         return outputs
 
     # ------------------------------------------------------------ internals
-
-    def _stop_reason(self, req: Request, token: int, stream: TextStream | None) -> FinishReason | None:
-        p = req.sampling_params
-        if (not p.ignore_eos and token in self.config.eos_token_ids) or token in p.stop_token_ids:
-            return FinishReason.STOP
-        if stream is not None and stream.stopped:
-            return FinishReason.STOP
-        num_output = len(req.output_token_ids)
-        if p.max_tokens is not None and num_output >= p.max_tokens:
-            return FinishReason.LENGTH
-        if len(req.prompt_token_ids) + num_output >= self.config.scheduler.max_model_len:
-            return FinishReason.LENGTH
-        return None
 
     def _finish(
         self,
@@ -364,6 +370,7 @@ class LLMEngine:
             "running": [_request_view(r) for r in sched.running],
             "waiting": [_request_view(r) for r in sched.waiting],
             "steps": [_step_view(s) for s in list(self.steps)[-200:]],
+            "finished": [_metrics_view(m) for m in list(self.finished_metrics)[-1000:]],
             "num_preemptions": sched.num_preemptions,
         }
 
@@ -379,6 +386,10 @@ def _request_view(req: Request) -> dict:
         "blocks": len(req.block_ids),
         "arrival": req.arrival_time,
     }
+
+
+def _metrics_view(m: RequestMetrics) -> dict:
+    return {"id": m.request_id, "ttft": m.ttft, "tpot": m.tpot, "e2e": m.e2e}
 
 
 def _step_view(s: StepStats) -> dict:

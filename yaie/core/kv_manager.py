@@ -131,12 +131,22 @@ class KVCacheManager:
 
     def snapshot(self, requests: list[Request]) -> dict:
         """Per block: ``free``, ``cached`` (tree only), ``owned`` (by request ids) or ``shared``
-        (several owners, or an owner plus the tree), with refcounts. Cost O(blocks): for
-        dashboards and tests, not for the step loop."""
+        (several owners, or an owner plus the tree), with refcounts, ``tokens`` (the slots
+        holding computed K/V; a tree block is full) and ``reused`` (an owner took it from the
+        prefix cache instead of computing it). Cost O(blocks): for dashboards and tests, not for
+        the step loop."""
+        bs = self.block_size
         owners: dict[int, list[str]] = {}
+        filled: dict[int, int] = {}
+        reused: set[int] = set()
         for req in requests:
-            for b in req.block_ids:
+            hit = req.num_cached_tokens // bs  # blocks matched in the tree on admission
+            for i, b in enumerate(req.block_ids):
                 owners.setdefault(b, []).append(req.request_id)
+                here = min(bs, max(0, req.num_computed_tokens - i * bs))
+                filled[b] = max(filled.get(b, 0), here)
+                if i < hit:
+                    reused.add(b)
         cached = self.radix.cached_block_ids()
         refs = self.pool.ref_counts
         blocks = []
@@ -150,8 +160,18 @@ class KVCacheManager:
                 state = "shared"
             else:
                 state = "owned"
-            blocks.append({"id": b, "state": state, "refcount": refs[b], "owners": who})
-        return {"block_size": self.block_size, "blocks": blocks, "radix": self.radix.summary()}
+            tokens = 0 if state == "free" else bs if b in cached else filled.get(b, 0)
+            blocks.append(
+                {
+                    "id": b,
+                    "state": state,
+                    "refcount": refs[b],
+                    "owners": who,
+                    "tokens": tokens,
+                    "reused": b in reused,
+                }
+            )
+        return {"block_size": bs, "blocks": blocks, "radix": self.radix.summary()}
 
     def check_invariants(self, requests: list[Request]) -> None:
         """Every reference is accounted for: a block's refcount equals the request tables that

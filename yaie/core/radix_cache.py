@@ -62,6 +62,11 @@ class RadixCache:
         # skipped on pop, so updates are O(log n) pushes instead of a rebuild per eviction.
         self._heap: list[tuple[float, int, RadixNode]] = []
         self._seq = itertools.count()
+        # Nodes that may have become evictable (or were accessed) since the last eviction, in
+        # the order they were touched. They reach the heap only when an eviction needs it: by
+        # then most are locked (a request locks the node it has just matched or inserted), so
+        # those never cost a push. Bounded by the number of nodes: only evict removes nodes.
+        self._touched: dict[RadixNode, None] = {}
         self._num_nodes = 0
 
     # ----------------------------------------------------------------- lookups
@@ -160,6 +165,7 @@ class RadixCache:
     def evict(self, num_blocks: int) -> int:
         """Free at least ``num_blocks`` blocks from unlocked leaves, LRU first (tail blocks of a
         leaf go first, so a long cached prompt loses only what is needed). Returns blocks freed."""
+        self._push_touched()
         freed = 0
         heap, pop = self._heap, heapq.heappop
         while freed < num_blocks and heap:
@@ -167,21 +173,34 @@ class RadixCache:
             # _evictable, inlined: most popped entries are stale and this runs per allocation
             if node.lock_ref or node.children or node.parent is None or stamp != node.last_access:
                 continue
-            blocks = node.blocks
-            take = min(num_blocks - freed, len(blocks))
-            self.pool.decref(blocks[len(blocks) - take :])
-            self.num_cached_blocks -= take
-            freed += take
-            if take < len(blocks):
-                del blocks[len(blocks) - take :]
-                del node.tokens[len(node.tokens) - take * self.block_size :]
-                self._touch(node)
-            else:
+            # Evict from this leaf, then on up its chain while each parent left a leaf is the
+            # least recently used candidate anyway (strictly older than the heap's top, so it
+            # would be popped next): a request's blocks cached one node per step go without a
+            # heap push and pop each.
+            while True:
+                blocks = node.blocks
+                take = min(num_blocks - freed, len(blocks))
+                self.pool.decref(blocks[len(blocks) - take :])
+                self.num_cached_blocks -= take
+                freed += take
+                if take < len(blocks):
+                    del blocks[len(blocks) - take :]
+                    del node.tokens[len(node.tokens) - take * self.block_size :]
+                    self._push(node)
+                    break
                 parent = node.parent
                 del parent.children[tuple(node.tokens[: self.block_size])]
                 node.parent = None  # marks it gone for stale heap entries
                 self._num_nodes -= 1
-                self._touch(parent)
+                if (
+                    freed < num_blocks
+                    and self._evictable(parent)
+                    and (not heap or parent.last_access < heap[0][0])
+                ):
+                    node = parent
+                    continue
+                self._push(parent)
+                break
         return freed
 
     def reset(self) -> None:
@@ -262,6 +281,16 @@ class RadixCache:
         return node.lock_ref == 0 and not node.children and node.parent is not None
 
     def _touch(self, node: RadixNode) -> None:
+        """``node`` may have become an eviction candidate, or was accessed: tell the heap at
+        the next eviction (see ``_touched``)."""
+        self._touched[node] = None
+
+    def _push_touched(self) -> None:
+        for node in self._touched:
+            self._push(node)
+        self._touched.clear()
+
+    def _push(self, node: RadixNode) -> None:
         if self._evictable(node):
             heapq.heappush(self._heap, (node.last_access, next(self._seq), node))
             if len(self._heap) > 4 * self._num_nodes + 1024:
