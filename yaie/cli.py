@@ -7,8 +7,12 @@ import logging
 import sys
 import time
 
+from yaie.api.cli import add_parser as add_serve_parser
 from yaie.args import EngineArgs
+from yaie.bench.serve import add_parser as add_bench_serve_parser
 from yaie.simulator.cli import add_parser as add_simulator_parsers
+from yaie.ui.chat_cli import add_parser as add_chat_parser
+from yaie.ui.dashboard_cli import add_parser as add_dashboard_parser
 
 
 def _bench_core(args: argparse.Namespace) -> None:
@@ -62,7 +66,32 @@ def _generate(args: argparse.Namespace) -> None:
         )
 
 
+# Workload defaults of ``yaie bench latency|throughput``: (CPU bench, GPU bench with --preset).
+_BENCH_DEFAULTS = {
+    "prompt_len": (32, 128), "new_tokens": (128, 256), "batch": (16, 64), "num_requests": (64, 256),
+}
+
+
+def add_gpu_bench_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the GPU benchmark (``yaie.bench.gpu``), run when ``--preset`` is given."""
+    g = parser.add_argument_group("GPU benchmark (with --preset)")
+    g.add_argument("--preset", default=None,
+                   help="built-in model shape with random weights: qwen3-0.6b, llama-3.1-8b, ...")
+    g.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="skip transformers generate_batch")
+    g.add_argument("--peer-requests", type=int, default=None,
+                   help="throughput: give transformers only the first N requests (default: all)")
+
+
 def _bench_model(args: argparse.Namespace) -> None:
+    for name, (cpu, gpu) in _BENCH_DEFAULTS.items():
+        if getattr(args, name, 0) is None:
+            setattr(args, name, gpu if args.preset else cpu)
+    if args.preset:
+        from yaie.bench import gpu
+
+        gpu.run(args)
+        return
     from yaie.bench import model as bench
     from yaie.llm import LLM
 
@@ -124,19 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     kern.set_defaults(func=_bench_kernels)
     lat = bench_sub.add_parser("latency", help="batch-1 / batch-N decode and prefill vs peers")
     lat.add_argument("model", nargs="?", default=None)
-    lat.add_argument("--prompt-len", type=int, default=32)
-    lat.add_argument("--new-tokens", type=int, default=128)
-    lat.add_argument("--batch", type=int, default=16)
+    lat.add_argument("--prompt-len", type=int, default=None, help="default 32 (128 with --preset)")
+    lat.add_argument("--new-tokens", type=int, default=None, help="default 128 (256 with --preset)")
+    lat.add_argument("--batch", type=int, default=None, help="default 16 (64 with --preset)")
     lat.add_argument("--prefill-len", type=int, default=512)
     lat.add_argument("--repeat", type=int, default=3)
     EngineArgs.add_cli_args(lat)
+    add_gpu_bench_args(lat)
     lat.set_defaults(func=_bench_model)
     thr = bench_sub.add_parser("throughput", help="many requests of random lengths vs transformers")
     thr.add_argument("model", nargs="?", default=None)
-    thr.add_argument("--num-requests", type=int, default=64)
+    thr.add_argument("--num-requests", type=int, default=None, help="default 64 (256 with --preset)")
     EngineArgs.add_cli_args(thr)
+    add_gpu_bench_args(thr)
     thr.set_defaults(func=_bench_model)
+    add_bench_serve_parser(bench_sub)
     add_simulator_parsers(sub)
+    add_serve_parser(sub)
+    add_chat_parser(sub)
+    add_dashboard_parser(sub)
     return parser
 
 

@@ -1,0 +1,81 @@
+"""A real ``yaie serve`` in a subprocess, started once per test module, for the server tests.
+
+A module chooses how its server runs with two module-level names:
+
+* ``SERVER_ARGS``: extra ``yaie serve`` arguments (context length, queue bound, API key, ...);
+* ``SERVER_SCRIPT``: a Python file to run instead of ``yaie``'s entry point, given the same
+  arguments (``fault_server.py`` injects a fault into the model executor).
+
+The server loads the default model (the offline GGUF that ``tests/conftest.py`` fetched into the
+test cache) on a free loopback port; the fixture waits for ``/health`` and stops it at the end
+of the module. Its log is printed if it fails to start.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from server_helpers import Server
+
+STARTUP_TIMEOUT_S = 600  # loading the model on a busy 2-core CI box
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(
+    request: pytest.FixtureRequest, smollm2, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    args = [str(a) for a in getattr(request.module, "SERVER_ARGS", [])]
+    script = getattr(request.module, "SERVER_SCRIPT", None)
+    api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+    port = _free_port()
+    entry = (
+        [str(Path(request.module.__file__).parent / script)]
+        if script
+        else ["-m", "yaie.cli", "serve"]
+    )
+    command = [sys.executable, *entry, "--port", str(port), *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", YAIE_API_KEY="")  # the fallback GGUF, no stray key
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log_path)
+        yield Server(url, api_key)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"yaie serve exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(
+        f"yaie serve did not become healthy in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}"
+    )
