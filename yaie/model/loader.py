@@ -18,14 +18,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, quants
 from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from yaie.hub import ResolvedModel
+
+if TYPE_CHECKING:  # gguf is imported where a GGUF file is read: safetensors-only setups skip it
+    from gguf import GGMLQuantizationType, GGUFReader
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +173,8 @@ def _iter_gguf(
     path: Path, dtype: torch.dtype, progress: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize a GGUF file tensor by tensor, in Hugging Face names, shapes and row order."""
+    from gguf import GGUFReader
+
     reader = GGUFReader(path)
     arch = _gguf_string(reader, "general.architecture")
     num_heads = int(_gguf_scalar(reader, f"{arch}.attention.head_count"))
@@ -210,6 +216,8 @@ def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType, dtype: torch.dtyp
     reinterpreted bit for bit, f16/f32 are cast once. The copy out of the memory map is
     deliberate: tensors must outlive the reader and be writable.
     """
+    from gguf import GGMLQuantizationType, quants
+
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         return torch.from_numpy(np.array(data)).to(dtype)
     if qtype == GGMLQuantizationType.BF16:
