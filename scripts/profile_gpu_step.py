@@ -28,7 +28,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--vary", action="store_true", help="prompt lengths uniform in [len/2, len]")
+    parser.add_argument("--no-cudnn", action="store_true", help="keep SDPA off its cuDNN backend")
     opts = parser.parse_args()
+    if opts.no_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     config = preset_config(opts.preset)
     args = EngineArgs(device="cuda", max_num_batched_tokens=opts.max_num_batched_tokens)
     engine = build_engine(config, args)
@@ -37,7 +41,8 @@ def main() -> None:
 
     def add_round(tag: str) -> None:
         for i in range(opts.requests):
-            prompt = [rng.randrange(config.vocab_size) for _ in range(opts.prompt_len)]
+            n = rng.randint(opts.prompt_len // 2, opts.prompt_len) if opts.vary else opts.prompt_len
+            prompt = [rng.randrange(config.vocab_size) for _ in range(n)]
             engine.add_request(f"{tag}-{i}", prompt, params)
 
     add_round("warm")
