@@ -1,4 +1,5 @@
-"""How long a step takes: the ``CostModel`` protocol and an analytic roofline model.
+"""How long a step takes: the ``CostModel`` protocol, an analytic roofline model, and a
+calibrated model fitted to the real executor's measured step times (``CalibratedCostModel``).
 
 A step of a decoder is a chain of operators, each bounded either by arithmetic (FLOPs / peak
 FLOP/s) or by memory traffic (bytes / bandwidth): whichever is larger is its time (the roofline).
@@ -13,13 +14,16 @@ the decodes. The model below adds up per-operator rooflines over one ``Scheduled
 - the LM head and sampling, only for the rows that sample,
 - a fixed per-step overhead (host work, launches).
 
-It runs once per simulated step, so it is O(1) for a pure-decode step and O(prefill requests)
-otherwise, with every per-token coefficient computed once in ``__init__``.
+It runs once per simulated step, so it is O(1) for a pure-decode step and O(requests)
+otherwise, with every per-token coefficient computed once in ``__init__``. A roofline knows only
+peaks; the calibrated model below knows what this executor on this machine really takes.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import operator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -198,27 +202,17 @@ class RooflineCostModel:
             )
 
         pair, kv_tok, qo_tok = self._attn_flops_pair, self._kv_bytes_token, self._qo_bytes_token
-        if batch.num_prefill_tokens == 0:
-            decode_ctx, decode_n = sum(batch.seq_lens), len(batch.seq_lens)
-            prefill = 0.0
-        else:
-            decode_ctx = decode_n = 0
-            pre_pairs = pre_ctx = pre_new = 0
-            for r in batch.requests:
-                n = r.num_new_tokens
-                if n == 1:
-                    decode_ctx += r.start_pos + 1
-                    decode_n += 1
-                else:  # causal: each new token attends to the cached prefix and to its left
-                    pre_pairs += n * r.start_pos + n * (n + 1) // 2
-                    pre_ctx += r.start_pos + n
-                    pre_new += n
-            prefill = max(pair * pre_pairs / peak, (pre_ctx * kv_tok + pre_new * qo_tok) / bw)
-        decode = (
-            max(pair * decode_ctx / peak, (decode_ctx * kv_tok + decode_n * qo_tok) / bw)
-            if decode_n
+        work = attention_work(batch)
+        prefill = (
+            max(
+                pair * work.prefill_pairs / peak,
+                (work.prefill_context * kv_tok + work.prefill_tokens * qo_tok) / bw,
+            )
+            if work.prefill_tokens
             else 0.0
         )
+        ctx, n = work.decode_context, work.decodes
+        decode = max(pair * ctx / peak, (ctx * kv_tok + n * qo_tok) / bw) if n else 0.0
 
         rows = len(batch.sample_indices)
         elementwise = tokens * self._elem_bytes_token / bw
@@ -231,6 +225,164 @@ class RooflineCostModel:
         else:
             lm_head = sampling = 0.0
         return linear, prefill, decode, elementwise, lm_head, sampling, self._overhead
+
+
+@dataclass(slots=True)
+class AttentionWork:
+    """What attention has to do in one step, in tokens: both cost models price it."""
+
+    decodes: int = 0  # requests with one new token
+    decode_context: int = 0  # tokens of K/V those decodes read
+    prefills: int = 0  # prompt chunks (requests with several new tokens)
+    prefill_tokens: int = 0
+    prefill_context: int = 0  # K/V tokens the chunks attend over, cached prefix included
+    prefill_pairs: int = 0  # causal (query, key) pairs of the chunks
+
+
+def attention_work(batch: ScheduledBatch) -> AttentionWork:
+    """O(1) for a pure-decode step (the common one), O(requests) otherwise."""
+    if batch.num_prefill_tokens == 0:
+        return AttentionWork(len(batch.seq_lens), sum(batch.seq_lens))
+    work = AttentionWork()
+    for r in batch.requests:
+        n = r.num_new_tokens
+        if n == 1:
+            work.decodes += 1
+            work.decode_context += r.start_pos + 1
+        else:  # causal: each new token attends to the cached prefix and to its left
+            work.prefills += 1
+            work.prefill_tokens += n
+            work.prefill_context += r.start_pos + n
+            work.prefill_pairs += n * r.start_pos + n * (n + 1) // 2
+    return work
+
+
+COST_MODEL_FORMAT = "yaie-calibrated-cost-model"
+
+
+class CalibratedCostModel:
+    """Step times fitted to the real executor's (``yaie profile`` measures and fits them).
+
+    ``t = f(tokens) + Σ coefficient × feature``. ``f`` is piecewise linear in the step's token
+    count between ``knots`` (extended linearly past the last one): it carries everything that
+    depends on the number of tokens alone — the weight GEMMs, which on any device are flat
+    while memory-bound and then grow once compute-bound, plus the fixed per-step cost. The
+    features price what the token count does not tell: attention (decode K/V read, prefill
+    pairs and context), per-request host work, and the LM head and sampler per sampled row.
+    Evaluating it is pure Python: the simulate path never imports numpy or torch.
+    """
+
+    FEATURES = (
+        "requests",
+        "decode_context",
+        "prefills",
+        "prefill_context",
+        "prefill_pairs",
+        "sampled_rows",
+    )
+
+    def __init__(
+        self, knots: list[int], knot_times: list[float], coefficients: dict[str, float], info: dict
+    ) -> None:
+        if len(knots) < 2 or len(knots) != len(knot_times) or knots != sorted(set(knots)):
+            raise ValueError("a calibrated cost model needs >= 2 increasing knots, one time each")
+        unknown = set(coefficients) - set(self.FEATURES)
+        if unknown:
+            raise ValueError(f"unknown cost model features: {', '.join(sorted(unknown))}")
+        self.knots, self.knot_times = knots, knot_times
+        self.coefficients = {name: float(coefficients.get(name, 0.0)) for name in self.FEATURES}
+        self._weights = tuple(self.coefficients.values())
+        self.info = info  # what was profiled, where, and how well the fit matches
+        self._token_time: dict[int, float] = {}
+
+    @staticmethod
+    def features(batch: ScheduledBatch) -> tuple[int, tuple[int, ...]]:
+        """The step's token count and its ``FEATURES`` in order: what the fit sees."""
+        work = attention_work(batch)
+        return len(batch.token_ids), (
+            len(batch.requests),
+            work.decode_context,
+            work.prefills,
+            work.prefill_context,
+            work.prefill_pairs,
+            len(batch.sample_indices),
+        )
+
+    def token_time(self, tokens: int) -> float:
+        """``f(tokens)``: linear interpolation between the knots, linear extrapolation beyond."""
+        t = self._token_time.get(tokens)
+        if t is None:
+            t = self._token_time[tokens] = interpolate(self.knots, self.knot_times, tokens)
+        return t
+
+    def step_time(self, batch: ScheduledBatch) -> float:
+        return self.predict(*self.features(batch))
+
+    def predict(self, tokens: int, features: tuple[int, ...]) -> float:
+        """The step time from ``features(batch)``'s two parts."""
+        return max(0.0, self.token_time(tokens) + sum(map(operator.mul, self._weights, features)))
+
+    def scaled(self, factor: float) -> CalibratedCostModel:
+        """The same model with every step ``factor`` times as long (a slower machine)."""
+        return CalibratedCostModel(
+            self.knots,
+            [factor * t for t in self.knot_times],
+            {name: factor * c for name, c in self.coefficients.items()},
+            self.info,
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "format": COST_MODEL_FORMAT,
+            "version": 1,
+            "knots": self.knots,
+            "knot_times_s": self.knot_times,
+            "coefficients_s": self.coefficients,
+            **self.info,
+        }
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibratedCostModel:
+        """Read a ``yaie profile`` JSON file; a wrong or damaged file is one clear error."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"cost model file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a JSON file ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != COST_MODEL_FORMAT:
+            raise ValueError(f"{path} is not a cost model written by `yaie profile`")
+        try:
+            info = {
+                k: v
+                for k, v in data.items()
+                if k not in ("format", "version", "knots", "knot_times_s", "coefficients_s")
+            }
+            return cls(
+                [int(k) for k in data["knots"]],
+                [float(t) for t in data["knot_times_s"]],
+                dict(data["coefficients_s"]),
+                info,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: damaged cost model ({exc})") from None
+
+
+def interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear ``y(x)`` through the points, continued linearly past either end."""
+    i, u = interpolation_weight(xs, x)
+    return ys[i] + (ys[i + 1] - ys[i]) * u
+
+
+def interpolation_weight(xs: list[int], x: float) -> tuple[int, float]:
+    """``(i, u)`` with ``y(x) = (1 - u) * ys[i] + u * ys[i + 1]``; ``u`` leaves [0, 1] outside
+    the points (linear extrapolation). The fit in ``profile.py`` builds its basis from this."""
+    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    return i, (x - xs[i]) / (xs[i + 1] - xs[i])
 
 
 def with_dtype(model: ModelSpec, dtype_bytes: int) -> ModelSpec:

@@ -18,6 +18,7 @@ KV pool) are counted and reported, not fatal.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import time
@@ -163,6 +164,7 @@ class Replica:
         self._wake: simpy.Event | None = None
         self._batches = 0  # batches scheduled
         self._cached_only = ((-1, -1), 0)  # (as of (batches, steps), blocks only in the tree)
+        self._recorded_steps = 0  # engine steps already summed into a block_map frame
         env.process(self._loop())
 
     def add(
@@ -238,16 +240,17 @@ class Replica:
 
     def block_map(self, now: float, cells: int) -> dict:
         """Block states now: exact counts plus a map of ``cells`` characters, each the most
-        common state of its share of the pool (``.`` free, ``c`` cached only, ``o`` owned by one
-        request, ``s`` shared)."""
-        kv = self.engine.kv
-        refs = kv.pool.ref_counts
+        common state of its share of the pool (``.`` free, ``c`` cached only, ``o`` owned by
+        the one running request that computed it, ``s`` shared: held by several, or taken from
+        the prefix cache), and the batches since the previous frame."""
+        engine = self.engine
         free, cached, owned, shared = b".cos"  # byte values
-        codes = bytearray(shared if r > 1 else cached if r == 1 else free for r in refs)
-        for req in self.engine.scheduler.running:
-            for b in req.block_ids:
-                if refs[b] == 1:
-                    codes[b] = owned
+        codes = bytearray(cached if r else free for r in engine.kv.pool.ref_counts)
+        bs = engine.kv.block_size
+        for req in engine.scheduler.running:
+            hit = req.num_cached_tokens // bs  # blocks it found in the radix tree
+            for i, b in enumerate(req.block_ids):
+                codes[b] = shared if i < hit or codes[b] in b"os" else owned
         n = len(codes)
         cells = max(1, min(cells, n))
         out = bytearray()
@@ -271,7 +274,22 @@ class Replica:
             "waiting": self.engine.num_waiting,
             **counts,
             "map": out.decode(),
+            "batch": self._batches_since_last_frame(),
         }
+
+    def _batches_since_last_frame(self) -> list[int]:
+        """[steps, largest batch (requests), prefill tokens, decode tokens, preemptions]."""
+        steps = self.engine.steps
+        new = min(self.engine.num_steps - self._recorded_steps, len(steps))
+        self._recorded_steps = self.engine.num_steps
+        recent = list(itertools.islice(reversed(steps), new))
+        return [
+            new,
+            max((s.num_requests for s in recent), default=0),
+            sum(s.num_prefill_tokens for s in recent),
+            sum(s.num_decode_tokens for s in recent),
+            sum(s.num_preemptions for s in recent),
+        ]
 
     def stats(self) -> ReplicaStats:
         radix = self.engine.kv.radix.stats
@@ -344,6 +362,7 @@ class Simulation:
                     "replicas": len(self.replicas),
                     "cells": min(cfg.kv_map_cells, cfg.num_blocks),
                     "legend": {".": "free", "c": "cached only", "o": "owned", "s": "shared"},
+                    "batch": "steps, largest batch, prefill tokens, decode tokens, preemptions",
                 }
                 record.write(json.dumps(header) + "\n")
             self._bar = _progress_bar(len(self.trace)) if cfg.progress else None

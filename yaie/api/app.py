@@ -80,22 +80,18 @@ def build_app(
     serving = OpenAIServing(llm, engine, metrics)
     guards = [_bearer_guard(api_key)] if api_key else []
 
-    @post(
-        "/chat/completions",
-        status_code=200,
-        operation_class=_StreamingOperation,
-        responses=_errors(400, 401, 404, 429, 500, 503),
-    )
+    generation = {  # both generation routes: 200 (not Litestar's 201), JSON or events, errors
+        "status_code": 200,
+        "operation_class": _StreamingOperation,
+        "responses": _errors(400, 401, 404, 429, 500, 503),
+    }
+
+    @post("/chat/completions", **generation)
     async def chat_completions(data: s.ChatCompletionRequest) -> Response[s.ChatCompletion]:
         """Chat completion with the model's chat template; ``stream: true`` for server-sent events."""
         return _respond(await serving.chat(data))
 
-    @post(
-        "/completions",
-        status_code=200,
-        operation_class=_StreamingOperation,
-        responses=_errors(400, 401, 404, 429, 500, 503),
-    )
+    @post("/completions", **generation)
     async def completions(data: s.CompletionRequest) -> Response[s.Completion]:
         """Text completion of a raw prompt (a string or token ids); ``stream: true`` for events."""
         return _respond(await serving.completions(data))
@@ -199,6 +195,8 @@ class _StreamingOperation(Operation):
 
 
 def _as_handler(app: ASGIApp):
+    """Litestar's ``asgi`` decorator takes a function, not any ASGI callable (an app object)."""
+
     async def mounted(scope: Scope, receive: Receive, send: Send) -> None:
         await app(scope, receive, send)
 

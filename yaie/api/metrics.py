@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import os
 import resource
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -177,4 +178,4 @@ def resident_memory_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak * 1024 if os.uname().sysname == "Linux" else peak  # macOS reports bytes
+        return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, others KiB

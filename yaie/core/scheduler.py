@@ -174,11 +174,10 @@ class Scheduler:
         waiting for room is checked again every step, and long prompts have thousands of blocks."""
         hashes = self._prompt_hashes.get(req.request_id)
         if hashes is None:
-            bs = self.kv.block_size
-            tokens = req.prompt_token_ids
             hashes, h = [], 0
-            for i in range(len(tokens) // bs):
-                h = hash((h, tuple(tokens[i * bs : (i + 1) * bs])))
+            # zip of bs references to one iterator: the full blocks as tuples, built in C
+            for block in zip(*[iter(req.prompt_token_ids)] * self.kv.block_size):
+                h = hash((h, block))
                 hashes.append(h)
             self._prompt_hashes[req.request_id] = hashes
         return hashes
