@@ -8,6 +8,7 @@ prints as one line.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -25,8 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "simulate",
         help="replay a request trace through the engine's scheduler in simulated time",
         description="Replay TRACE through the real scheduler and KV cache, with step times from a "
-        "roofline cost model of MODEL on HARDWARE; print a summary and (with --out) write "
-        "summary.json, requests.csv, timeseries.csv and plots.",
+        "roofline cost model of MODEL on HARDWARE or a calibrated one (--cost-model, from `yaie "
+        "profile`); print a summary and (with --out) write summary.json, requests.csv, "
+        "timeseries.csv and plots. --compare-real also serves TRACE with the real model.",
     )
     sim.add_argument("trace", type=Path, help="trace file: our JSONL, Azure CSV or Mooncake JSONL")
     sim.add_argument("--format", default="auto", choices=["auto", *FORMATS])
@@ -142,7 +144,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "-o", "--out", type=Path, default=Path("cost_model.json"), help="default: cost_model.json"
     )
     prof.add_argument(
-        "--quick", action="store_true", help="a small grid (seconds, not minutes; a rougher fit)"
+        "--quick",
+        action="store_true",
+        help="a small grid: under a minute, not five (a rougher fit)",
     )
     prof.add_argument("--repeats", type=int, default=None, help="timed steps per shape")
     prof.add_argument(
@@ -262,6 +266,9 @@ def run_simulate(args: argparse.Namespace) -> None:
     )
     router = make_router(args.router) if args.replicas > 1 else None
     result = simulate(trace, config, cost_model, args.replicas, router)
+    # Millions of result objects live until the command exits and hold no cycles: keep the
+    # cyclic collector from scanning them again and again while the report is built.
+    gc.freeze()
     setup.update(trace=str(args.trace), replicas=args.replicas)
     setup["router"] = args.router if args.replicas > 1 else None
     ttft_slo = args.ttft_slo / 1000 if args.ttft_slo is not None else None

@@ -14,7 +14,6 @@ CLI does, to register the command) stays as light as the simulate path.
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import random
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
     from yaie.core.batch import Executor
     from yaie.core.engine import LLMEngine, RequestOutput
     from yaie.llm import LLM
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -336,8 +333,8 @@ def format_fit(model: CalibratedCostModel) -> Iterator[str]:
         yield (f"{kind:<10}{q['steps']:>7}{q['mean_rel_error']:>13.1%}{q['max_rel_error']:>9.1%}")
     yield ""
     yield "step time = f(tokens) + per-feature costs"
-    yield "  f(tokens): " + ", ".join(
-        f"{k}: {1000 * t:.1f} ms" for k, t in zip(model.knots, model.knot_times)
-    )
+    points = [f"{k}: {1000 * t:.1f}" for k, t in zip(model.knots, model.knot_times)]
+    for i in range(0, len(points), 8):
+        yield ("  f(tokens), ms: " if i == 0 else " " * 17) + ", ".join(points[i : i + 8])
     for name, c in model.coefficients.items():
         yield f"  {name:<16}{c * 1e6:>12.3f} µs each"
