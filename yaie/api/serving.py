@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -369,7 +370,7 @@ def _event(payload: msgspec.Struct) -> bytes:
 # ---------------------------------------------------------------------------- formats
 
 
-class _Format:
+class _Format(ABC):
     """How one endpoint shapes choices, chunks and logprobs."""
 
     def __init__(self, serving: OpenAIServing, prefix: str, logprobs: bool) -> None:
@@ -383,14 +384,17 @@ class _Format:
         """An event to send per choice before any token (chat's role delta), or None."""
         return None
 
+    @abstractmethod
     def response(self, choices: list[_Choice], usage: s.Usage) -> msgspec.Struct:
-        raise NotImplementedError
+        """The whole non-streaming reply."""
 
+    @abstractmethod
     def chunk(self, out: RequestOutput) -> msgspec.Struct:
-        raise NotImplementedError
+        """One streamed event for one engine output."""
 
+    @abstractmethod
     def usage_chunk(self, usage: s.Usage) -> msgspec.Struct:
-        raise NotImplementedError
+        """The final event of ``stream_options.include_usage``."""
 
     def _entries(
         self, token_ids: list[int], logprobs: list[tuple[float, dict[int, float]] | None] | None

@@ -8,6 +8,7 @@ are the same for every family, so they live here.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterable
 
 import torch
@@ -22,7 +23,7 @@ ParamSlice = tuple[str, int | str | None, torch.Tensor]
 """``(our parameter name, shard id, tensor)``: one piece of a checkpoint tensor, ready to load."""
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, metaclass=ABCMeta):
     """A decoder-only LM on a paged KV cache, loaded from Hugging Face weights.
 
     Life cycle: construct (parameters uninitialised; the ``meta`` device works), ``to_empty`` /
@@ -41,17 +42,17 @@ class CausalLM(nn.Module):
         self.config = config
         self.kv_cache: torch.Tensor | None = None
 
+    @abstractmethod
     def attention_layers(self) -> list[Attention]:
         """Every layer's ``Attention``, in layer order: the KV cache has one slice per entry."""
-        raise NotImplementedError
 
+    @abstractmethod
     def input_embedding(self) -> VocabParallelEmbedding:
         """The token embedding a tied LM head shares its weight with."""
-        raise NotImplementedError
 
+    @abstractmethod
     def checkpoint_params(self, name: str, tensor: torch.Tensor) -> list[ParamSlice]:
         """Where checkpoint tensor ``name`` goes: one or more slices, or none to skip it."""
-        raise NotImplementedError
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
