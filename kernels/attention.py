@@ -129,6 +129,19 @@ def _prefill(
     return out[0].transpose(0, 1)
 
 
+def _prefill_into(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    prefills: list[PrefillSegment],
+    scale: float,
+) -> None:
+    """Write every prefill chunk's attention into its rows of ``out``."""
+    for seg in prefills:
+        out[seg.start : seg.end] = _prefill(q, k_rows, v_rows, seg, scale)
+
+
 def _decode(
     q: torch.Tensor,
     k_rows: torch.Tensor,
@@ -172,8 +185,7 @@ def paged_attention_reference(
     if not prefills and len(decodes) == 1 and decodes[0].num_seqs == len(q):
         return _decode(q, k_rows, v_rows, decodes[0], scale)
     out = torch.empty_like(q)
-    for seg in prefills:
-        out[seg.start : seg.end] = _prefill(q, k_rows, v_rows, seg, scale)
+    _prefill_into(out, q, k_rows, v_rows, prefills, scale)
     for group in decodes:
         out[group.rows] = _decode(q, k_rows, v_rows, group, scale)
     return out
@@ -200,10 +212,8 @@ def paged_attention_cuda(
             meta.prefill_ids, meta.max_query_len, scale,
         )
     else:
-        k_rows, v_rows = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
         with sdpa_kernel(_PREFILL_SDPA_BACKENDS):
-            for seg in meta.prefills:
-                out[seg.start : seg.end] = _prefill(q, k_rows, v_rows, seg, scale)
+            _prefill_into(out, q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta.prefills, scale)
     return out
 
 
