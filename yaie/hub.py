@@ -255,11 +255,11 @@ def _from_hub(repo_id: str, allow_pickle: bool) -> ResolvedModel:
 
     logger.info("Downloading %s from the Hugging Face Hub", repo_id)
     try:
+        # By branch, not by ``info.sha``: only a download by branch records ``refs/main`` in the
+        # cache, and without it the next run (offline above all) would not find this snapshot.
         folder = Path(
             snapshot_download(
-                repo_id,
-                revision=info.sha,
-                allow_patterns=_allow_patterns(allow_pickle and not has_safetensors),
+                repo_id, allow_patterns=_allow_patterns(allow_pickle and not has_safetensors)
             )
         )
     except Exception as exc:  # the transport's errors differ between hub versions
