@@ -8,7 +8,10 @@ at position ``seq_len - n + i`` and sees keys ``0 ..= seq_len - n + i``: causal 
 On CUDA tensors the decodes run in the numba kernel of ``yaie.kernels.decode_attention``
 (GQA, split-KV), which reads the block tables directly; prefill chunks run in whichever of
 torch's flash attention and the numba kernel of ``yaie.kernels.prefill_attention`` is faster
-(``PREFILL_BACKEND``). Everything else, and every CPU tensor, takes the torch path.
+(``PREFILL_BACKEND``). On fp32 CPU tensors the decodes run in the numba CPU kernel of
+``yaie.kernels.decode_attention_cpu``, which also reads the block tables directly. Everything
+else (prefill chunks on CPU, other dtypes) takes the torch path, which is also the reference
+every kernel is tested against.
 
 The torch path runs in two parts whose plans are built once per step (``AttentionMetadata`` in
 ``yaie.model.attention``) and shared by all layers:
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from yaie.kernels.decode_attention import decode_supported, paged_decode_attention
+from yaie.kernels.decode_attention_cpu import cpu_decode_supported, paged_decode_attention_cpu
 from yaie.kernels.prefill_attention import paged_prefill_attention, prefill_supported
 
 PREFILL_BACKEND: Literal["torch", "numba"] = "torch"
@@ -217,6 +221,24 @@ def paged_attention_cuda(
     return out
 
 
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decodes in the numba CPU kernel (``yaie.kernels.decode_attention_cpu``), prefill chunks
+    on the torch path."""
+    out = torch.empty_like(q)
+    paged_decode_attention_cpu(
+        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        meta.decode_ids, scale,
+    )
+    _prefill_into(out, q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta.prefills, scale)
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -225,7 +247,10 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """The model's entry point: ``paged_attention_cuda`` on CUDA tensors the numba decode
-    kernel supports, else the torch reference."""
+    kernel supports, ``paged_attention_cpu`` for steps with decodes on fp32 CPU tensors, else
+    the torch reference."""
     if q.is_cuda and decode_supported(q, k_cache, v_cache):
         return paged_attention_cuda(q, k_cache, v_cache, meta, scale)
+    if meta.decodes and cpu_decode_supported(q, k_cache, v_cache):
+        return paged_attention_cpu(q, k_cache, v_cache, meta, scale)
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)

@@ -1,4 +1,4 @@
-"""Process settings the CPU (torch reference) path needs to run at speed.
+"""Process settings the CPU path needs to run at speed: heap reuse and the numba thread count.
 
 glibc serves allocations of 128 KiB and up with fresh ``mmap`` pages and hands freed ones back
 to the OS, so every layer of a step would page-fault in again the buffers the previous layer
@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numba
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -36,3 +42,21 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
+
+
+_LAUNCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def numba_parallel_launch() -> Iterator[None]:
+    """Around every launch of a ``parallel=True`` numba kernel (``gemv``, CPU decode attention).
+
+    - Gives the kernel as many threads as torch uses, so ``torch.set_num_threads`` governs every
+      CPU op. numba keeps that setting per calling thread, so it is applied at each launch: the
+      engine may run on a thread of its own (``AsyncEngine``).
+    - Serializes launches from different threads: numba's fallback threading layer (workqueue,
+      used where no OpenMP runtime is installed) aborts the process on concurrent launches.
+    """
+    with _LAUNCH_LOCK:
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        yield

@@ -27,6 +27,12 @@ def _bench_kernels(args: argparse.Namespace) -> None:
     run(args.tokens, args.iters)
 
 
+def _bench_cpu_kernels(args: argparse.Namespace) -> None:
+    from yaie.bench.cpu_kernels import run
+
+    run(args.rounds)
+
+
 def _generate(args: argparse.Namespace) -> None:
     from yaie.core.sampling import SamplingParams
     from yaie.llm import LLM
@@ -151,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--tokens", type=int, default=4096)
     kern.add_argument("--iters", type=int, default=100)
     kern.set_defaults(func=_bench_kernels)
+    cpu_kern = bench_sub.add_parser(
+        "cpu-kernels", help="CPU projections and decode attention: numba vs torch"
+    )
+    cpu_kern.add_argument("--rounds", type=int, default=7)
+    cpu_kern.set_defaults(func=_bench_cpu_kernels)
     lat = bench_sub.add_parser("latency", help="batch-1 / batch-N decode and prefill vs peers")
     lat.add_argument("model", nargs="?", default=None)
     lat.add_argument("--prompt-len", type=int, default=None, help="default 32 (128 with --preset)")

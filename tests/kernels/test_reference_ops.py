@@ -24,6 +24,8 @@ from yaie.kernels import (
     silu_and_mul,
     write_kv,
 )
+from yaie.kernels.attention import paged_attention_reference
+from yaie.kernels.linear import GEMV_MAX_ROWS
 from yaie.model.attention import AttentionMetadata
 
 
@@ -106,8 +108,9 @@ def test_gelu_tanh() -> None:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("rows", [1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 33])
 def test_linear_packed_and_plain(bias: bool, rows: int) -> None:
+    """Packed weights take the numba ``gemv`` up to ``GEMV_MAX_ROWS`` rows, oneDNN above."""
     torch.manual_seed(0)
     w, x = torch.randn(48, 40), torch.randn(rows, 40)
     b = torch.randn(48) if bias else None
@@ -288,20 +291,21 @@ def _run_paged_attention(
     new_v = torch.cat([v[p:] for _, v, p in contexts])
     write_kv(new_k, new_v, k_cache, v_cache, meta.slot_mapping)
     scale = head_dim**-0.5
-    out = paged_attention(torch.cat(qs), k_cache, v_cache, meta, scale)
-    assert out.shape == (query_start_loc[-1], num_heads, head_dim)
-
-    group = num_heads // num_kv_heads
-    for i, (q, (k, v, prefix)) in enumerate(zip(qs, contexts)):
-        k64 = k.double().repeat_interleave(group, dim=1)  # [S, Hq, D]
-        v64 = v.double().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,shd->hqs", q.double(), k64) * scale
-        query_pos = torch.arange(prefix, prefix + q.shape[0])
-        visible = torch.arange(k.shape[0])[None, :] <= query_pos[:, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        expected = torch.einsum("hqs,shd->qhd", scores.softmax(-1), v64)
-        got = out[query_start_loc[i] : query_start_loc[i + 1]]
-        _close(got, expected)
+    # The model's dispatch (the numba CPU kernel for decodes), and the torch reference.
+    for attend in (paged_attention, paged_attention_reference):
+        out = attend(torch.cat(qs), k_cache, v_cache, meta, scale)
+        assert out.shape == (query_start_loc[-1], num_heads, head_dim)
+        group = num_heads // num_kv_heads
+        for i, (q, (k, v, prefix)) in enumerate(zip(qs, contexts)):
+            k64 = k.double().repeat_interleave(group, dim=1)  # [S, Hq, D]
+            v64 = v.double().repeat_interleave(group, dim=1)
+            scores = torch.einsum("qhd,shd->hqs", q.double(), k64) * scale
+            query_pos = torch.arange(prefix, prefix + q.shape[0])
+            visible = torch.arange(k.shape[0])[None, :] <= query_pos[:, None]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            expected = torch.einsum("hqs,shd->qhd", scores.softmax(-1), v64)
+            got = out[query_start_loc[i] : query_start_loc[i + 1]]
+            _close(got, expected)
     return meta
 
 
