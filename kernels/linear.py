@@ -26,9 +26,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from yaie.kernels.cpu import numba_parallel_launch
-import torch.nn.functional as F
 
 # oneDNN picks its blocking for this many rows; measured as good for 1-row decodes too.
 _PACK_BATCH_HINT = 512

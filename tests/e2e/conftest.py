@@ -17,13 +17,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from server_helpers import Server
+from server_helpers import Server, wait_healthy
 
 STARTUP_TIMEOUT_S = 600  # loading the model on a busy 2-core CI box
 
@@ -54,7 +52,7 @@ def server(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log_path)
+        wait_healthy(url, process, log_path, STARTUP_TIMEOUT_S)
         yield Server(url, api_key)
     finally:
         process.terminate()
@@ -63,19 +61,3 @@ def server(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"yaie serve exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(
-        f"yaie serve did not become healthy in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}"
-    )

@@ -68,6 +68,14 @@ def cell_states(page: Page) -> list[str]:
     return page.eval_on_selector_all(".kv-map rect", "rs => rs.map(r => r.dataset.state)")
 
 
+def cells(page: Page, state: str) -> list[tuple[str, str]]:
+    """``(fill, hover text)`` of the map's cells in ``state``."""
+    return page.eval_on_selector_all(
+        f'.kv-map rect[data-state="{state}"]',
+        "rs => rs.map(r => [r.getAttribute('fill'), r.querySelector('title').textContent])",
+    )
+
+
 def screenshot(page: Page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
@@ -82,11 +90,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def yaie_process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen]:
-    """Run ``yaie ARGS`` until the block exits; wait until ``ready_url`` answers."""
+def yaie_process(
+    args: list[str], ready_url: str, cwd: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """Run ``yaie ARGS`` (in ``cwd``) until the block exits; wait until ``ready_url`` answers."""
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads it meanwhile
         proc = subprocess.Popen(
             [sys.executable, "-m", "yaie.cli", *args],
+            cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from yaie.hub import DEFAULT_MODEL
 
@@ -64,3 +67,19 @@ def assert_idle_pool(state: dict) -> None:
     assert held == [], f"blocks still owned after every request ended: {held[:5]}"
     stats = state["stats"]
     assert stats["blocks_free"] + stats["blocks_cached"] == stats["blocks_total"]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Wait until ``yaie serve`` at ``url`` answers ``/health``; fail the test with the server's
+    log if it exits or is not up within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"yaie serve exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"yaie serve was not healthy in {timeout_s} s:\n{log_path.read_text()}")

@@ -34,16 +34,15 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import safetensors.torch
 import torch
 from mock_hub import HubRepo, MockHub, Request, serve_hub
+from server_helpers import wait_healthy
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -297,7 +296,7 @@ def test_dialogpt_downloads_once_then_generates_chats_and_serves(
         )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, server, log_path)
+        wait_healthy(url, server, log_path, SERVE_TIMEOUT_S)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == [REPO_ID]
         reply = client.chat.completions.create(
@@ -315,19 +314,6 @@ def test_dialogpt_downloads_once_then_generates_chats_and_serves(
         server.wait(timeout=30)
     assert _repo_requests(hub.take_requests()) == [], log_path.read_text()
 
-
-def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"yaie serve exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"yaie serve was not healthy in {SERVE_TIMEOUT_S} s:\n{log_path.read_text()}")
 
 
 # ------------------------------------------------------- `yaie chat` under the pilot (child)

@@ -22,6 +22,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,23 @@ def _median_ms(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
 
 def _step_weights() -> list[torch.Tensor]:
     per_layer = [
-        (HIDDEN + 2 * KV_HEADS * HEAD_DIM, HIDDEN), (HIDDEN, HIDDEN), (2 * MLP, HIDDEN), (HIDDEN, MLP)
+        (HIDDEN + 2 * KV_HEADS * HEAD_DIM, HIDDEN),
+        (HIDDEN, HIDDEN),
+        (2 * MLP, HIDDEN),
+        (HIDDEN, MLP),
     ]
     return [torch.randn(shape) * 0.02 for _ in range(LAYERS) for shape in per_layer] + [
         torch.randn(VOCAB, HIDDEN) * 0.02
     ]
+
+
+def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+
+
+def _project(linear: Callable, inputs: list[torch.Tensor], weights: list) -> None:
+    for x, w in zip(inputs, weights):
+        linear(x, w, None)
 
 
 def projections(rounds: int) -> list[tuple[str, ...]]:
@@ -71,33 +84,46 @@ def projections(rounds: int) -> list[tuple[str, ...]]:
         h = torch.randn(rows, MLP)
         inputs = [h if w.shape[1] == MLP else x for w in weights]
         runs = {
-            "gemv": lambda: [gemv(i, w, None) for i, w in zip(inputs, weights)],
-            "onednn": lambda: [
-                torch.ops.mkldnn._linear_pointwise(i, p, None, "none", [None], "")
-                for i, p in zip(inputs, packed)
-            ],
-            "torch": lambda: [F.linear(i, w) for i, w in zip(inputs, weights)],
+            "gemv": partial(_project, gemv, inputs, weights),
+            "onednn": partial(_project, _onednn, inputs, packed),
+            "torch": partial(_project, F.linear, inputs, weights),
         }
         ms = _median_ms(runs, rounds)
-        table.append((
-            f"{rows} row(s)", f"{ms['gemv']:.1f}", f"{ms['onednn']:.1f}", f"{ms['torch']:.1f}",
-            f"{total_bytes / ms['gemv'] / 1e6:.1f} GB/s",
-        ))
+        table.append(
+            (
+                f"{rows} row(s)",
+                f"{ms['gemv']:.1f}",
+                f"{ms['onednn']:.1f}",
+                f"{ms['torch']:.1f}",
+                f"{total_bytes / ms['gemv'] / 1e6:.1f} GB/s",
+            )
+        )
     return table
 
 
 def _decode_batch(num_seqs: int, context: int, seed: int = 0):
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    """``num_seqs`` decodes of about ``context`` tokens in shuffled blocks: q, caches, metadata."""
     lens = [rng.randint(context * 9 // 10, context * 11 // 10) for _ in range(num_seqs)]
     needed = [-(-n // BLOCK_SIZE) for n in lens]
     free = list(range(1, sum(needed) + 1))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(n)] for n in needed]
-    slots = [t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE for t, n in zip(tables, lens)]
-    meta = AttentionMetadata.build(list(range(num_seqs + 1)), lens, tables, slots, BLOCK_SIZE, "cpu")
+    slots = [
+        t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE for t, n in zip(tables, lens)
+    ]
+    meta = AttentionMetadata.build(
+        list(range(num_seqs + 1)), lens, tables, slots, BLOCK_SIZE, "cpu"
+    )
     k_cache = torch.randn(sum(needed) + 1, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     return torch.randn(num_seqs, HEADS, HEAD_DIM), k_cache, torch.randn_like(k_cache), meta
+
+
+def _layers(attend: Callable, args: tuple) -> None:
+    """Ten calls, so the figure is above the timer's noise; reported per call."""
+    for _ in range(10):
+        attend(*args)
 
 
 def decode_attention(rounds: int) -> list[tuple[str, ...]]:
@@ -105,14 +131,20 @@ def decode_attention(rounds: int) -> list[tuple[str, ...]]:
     table = []
     for num_seqs, context in ((1, 100), (16, 100), (1, 1000), (16, 1000)):
         q, k_cache, v_cache, meta = _decode_batch(num_seqs, context)
-        scale = HEAD_DIM**-0.5
-        layer = lambda attend: lambda: [attend(q, k_cache, v_cache, meta, scale) for _ in range(10)]
-        ms = _median_ms({"numba": layer(paged_attention_cpu), "torch": layer(paged_attention_reference)},
-                        rounds)
-        table.append((
-            f"{num_seqs} x ~{context}", f"{ms['numba'] * 100:.0f}", f"{ms['torch'] * 100:.0f}",
-            f"{ms['torch'] / ms['numba']:.1f}x",
-        ))
+        args = (q, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+        runs = {
+            "numba": partial(_layers, paged_attention_cpu, args),
+            "torch": partial(_layers, paged_attention_reference, args),
+        }
+        ms = _median_ms(runs, rounds)
+        table.append(
+            (
+                f"{num_seqs} x ~{context}",
+                f"{ms['numba'] * 100:.0f}",
+                f"{ms['torch'] * 100:.0f}",
+                f"{ms['torch'] / ms['numba']:.1f}x",
+            )
+        )
     return table
 
 
@@ -124,11 +156,17 @@ def _print(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> 
 
 
 def run(rounds: int = 7) -> None:
-    print(f"yaie bench cpu-kernels: SmolLM2-135M decode shapes, fp32, {torch.get_num_threads()} "
-          f"threads, median of {rounds} interleaved rounds")
-    _print("projections of one decode step (121 matrices, 540 MB), ms",
-           ("rows", "gemv (numba)", "oneDNN packed", "F.linear (MKL)", "gemv read rate"),
-           projections(rounds))
-    _print("decode attention, one layer, us",
-           ("decodes x context", "numba kernel", "torch (gather+SDPA)", "speed-up"),
-           decode_attention(rounds))
+    print(
+        f"yaie bench cpu-kernels: SmolLM2-135M decode shapes, fp32, {torch.get_num_threads()} "
+        f"threads, median of {rounds} interleaved rounds"
+    )
+    _print(
+        "projections of one decode step (121 matrices, 540 MB), ms",
+        ("rows", "gemv (numba)", "oneDNN packed", "F.linear (MKL)", "gemv read rate"),
+        projections(rounds),
+    )
+    _print(
+        "decode attention, one layer, us",
+        ("decodes x context", "numba kernel", "torch (gather+SDPA)", "speed-up"),
+        decode_attention(rounds),
+    )
