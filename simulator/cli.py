@@ -113,7 +113,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument(
         "--record-kv",
         action="store_true",
-        help="also write kv_trace.jsonl: per-sample KV block maps for the dashboard",
+        help="also write kv_trace.jsonl: the engine's state per sample, for `yaie dashboard "
+        "--replay` (block tables, radix tree, requests; as deltas)",
+    )
+    rep.add_argument(
+        "--record-kv-mb",
+        type=float,
+        default=8.0,
+        metavar="MB",
+        help="size cap of kv_trace.jsonl: past its share of the run, samples are skipped "
+        "(default: 8)",
     )
     rep.add_argument(
         "--sample-interval",
@@ -224,6 +233,8 @@ def run_simulate(args: argparse.Namespace) -> None:
 
     if args.record_kv and args.out is None:
         raise ValueError("--record-kv writes into the report folder: give --out DIR too")
+    if args.record_kv_mb <= 0:
+        raise ValueError("--record-kv-mb must be > 0")
     if args.compare_real and (args.cost_model is None or args.replicas != 1):
         raise ValueError(
             "--compare-real needs a calibrated cost model (--cost-model FILE, written by "
@@ -260,6 +271,7 @@ def run_simulate(args: argparse.Namespace) -> None:
         enable_chunked_prefill=args.chunked_prefill,
         sample_interval=args.sample_interval,
         record_kv=args.out / "kv_trace.jsonl" if args.record_kv else None,
+        record_kv_max_bytes=int(args.record_kv_mb * 1e6),
         progress=args.progress
         if args.progress is not None
         else sys.stderr.isatty() and len(trace) >= 1000,

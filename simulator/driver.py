@@ -7,7 +7,7 @@ Three kinds of SimPy processes share one clock (``env.now``, seconds):
 - one engine loop per replica: ``schedule()`` → ``yield env.timeout(predicted duration)`` →
   ``finish_step()``; with nothing to run it sleeps until the next arrival wakes it;
 - a sampler: every ``sample_interval`` it records queue lengths and KV-block usage (and, when
-  asked, a compact block map for the dashboard's replay).
+  asked, each engine's state for the dashboard's replay: ``kv_recording.py``).
 
 Each replica is a plain ``LLMEngine`` — the same scheduler, KV manager and radix cache as the
 real server — whose clock is the simulated time, so request metrics come out of the core exactly
@@ -25,14 +25,12 @@ requests.
 from __future__ import annotations
 
 import gc
-import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 import simpy
 
@@ -41,6 +39,7 @@ from yaie.core.metrics import RequestMetrics
 from yaie.core.sampling import SamplingParams
 from yaie.core.scheduler import SchedulerConfig
 from yaie.simulator.cost import CostModel
+from yaie.simulator.kv_recording import DEFAULT_MAX_BYTES, KVRecorder
 from yaie.simulator.sim_executor import SimExecutor
 from yaie.simulator.traces import PromptSynth, Trace, TraceRequest
 
@@ -59,8 +58,8 @@ class SimConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     sample_interval: float | None = None  # seconds between samples; None: about 500 over the trace
-    record_kv: Path | None = None  # write a per-sample KV block map here (JSON lines)
-    kv_map_cells: int = 256  # the recorded block map is downsampled to this many cells
+    record_kv: Path | None = None  # write the engines' state per sample here (kv_recording.py)
+    record_kv_max_bytes: int = DEFAULT_MAX_BYTES  # the recording's size cap
     progress: bool = False  # a tqdm bar on stderr
 
     def engine_config(self) -> EngineConfig:
@@ -172,7 +171,6 @@ class Replica:
         self._wake: simpy.Event | None = None
         self._batches = 0  # batches scheduled
         self._cached_only = ((-1, -1), 0)  # (as of (batches, steps), blocks only in the tree)
-        self._recorded_steps = 0  # engine steps already summed into a block_map frame
         env.process(self._loop())
 
     def add(
@@ -250,59 +248,6 @@ class Replica:
             preemptions=engine.scheduler.num_preemptions,
         )
 
-    def block_map(self, now: float, cells: int) -> dict:
-        """Block states now: exact counts plus a map of ``cells`` characters, each the most
-        common state of its share of the pool (``.`` free, ``c`` cached only, ``o`` owned by
-        the one running request that computed it, ``s`` shared: held by several, or taken from
-        the prefix cache), and the batches since the previous frame."""
-        engine = self.engine
-        free, cached, owned, shared = b".cos"  # byte values
-        codes = bytearray(cached if r else free for r in engine.kv.pool.ref_counts)
-        bs = engine.kv.block_size
-        for req in engine.scheduler.running:
-            hit = req.num_cached_tokens // bs  # blocks it found in the radix tree
-            for i, b in enumerate(req.block_ids):
-                codes[b] = shared if i < hit or codes[b] in b"os" else owned
-        n = len(codes)
-        cells = max(1, min(cells, n))
-        out = bytearray()
-        for i in range(cells):
-            chunk = codes[i * n // cells : (i + 1) * n // cells]
-            out.append(max(b".cos", key=chunk.count))
-        counts = {
-            name: codes.count(code)
-            for name, code in (
-                ("free", free),
-                ("cached", cached),
-                ("owned", owned),
-                ("shared", shared),
-            )
-        }
-        return {
-            "t": round(now, 6),
-            "replica": self.index,
-            "step": self.engine.num_steps,
-            "running": self.engine.num_running,
-            "waiting": self.engine.num_waiting,
-            **counts,
-            "map": out.decode(),
-            "batch": self._batches_since_last_frame(),
-        }
-
-    def _batches_since_last_frame(self) -> list[int]:
-        """[steps, largest batch (requests), prefill tokens, decode tokens, preemptions]."""
-        steps = self.engine.steps
-        new = min(self.engine.num_steps - self._recorded_steps, len(steps))
-        self._recorded_steps = self.engine.num_steps
-        recent = list(itertools.islice(reversed(steps), new))
-        return [
-            new,
-            max((s.num_requests for s in recent), default=0),
-            sum(s.num_prefill_tokens for s in recent),
-            sum(s.num_decode_tokens for s in recent),
-            sum(s.num_preemptions for s in recent),
-        ]
-
     def stats(self) -> ReplicaStats:
         radix = self.engine.kv.radix.stats
         return ReplicaStats(
@@ -348,6 +293,7 @@ class Simulation:
         self._arrivals_done = False
         self._done = self.env.event()
         self._bar = None
+        self._recorder: KVRecorder | None = None
 
     def run(self) -> SimResult:
         # The step loop allocates millions of short-lived objects but no reference cycles, so
@@ -365,28 +311,22 @@ class Simulation:
         start = time.perf_counter()
         cfg = self.config
         interval = cfg.sample_interval or max(self.trace.span / 500, 1e-3)
-        record: IO[str] | None = cfg.record_kv.open("w") if cfg.record_kv is not None else None
+        if cfg.record_kv is not None:
+            engines = [r.engine for r in self.replicas]
+            self._recorder = KVRecorder(
+                cfg.record_kv, engines, len(self.trace), cfg.record_kv_max_bytes
+            )
         try:
-            if record is not None:
-                header = {
-                    "num_blocks": cfg.num_blocks,
-                    "block_size": cfg.block_size,
-                    "replicas": len(self.replicas),
-                    "cells": min(cfg.kv_map_cells, cfg.num_blocks),
-                    "legend": {".": "free", "c": "cached only", "o": "owned", "s": "shared"},
-                    "batch": "steps, largest batch, prefill tokens, decode tokens, preemptions",
-                }
-                record.write(json.dumps(header) + "\n")
             self._bar = _progress_bar(len(self.trace)) if cfg.progress else None
             self.env.process(self._arrivals())
-            self.env.process(self._sampler(interval, record))
+            self.env.process(self._sampler(interval))
             if self.trace.requests:
                 self.env.run(until=self._done)
             end = max(self.env.now, *(r.now for r in self.replicas))  # the last step's end
-            self._take_samples(end, record)
+            self._take_samples(end)
         finally:
-            if record is not None:
-                record.close()
+            if self._recorder is not None:
+                self._recorder.close()
             if self._bar is not None:
                 self._bar.close()
         return SimResult(
@@ -418,21 +358,18 @@ class Simulation:
         self._arrivals_done = True
         self._check_done()
 
-    def _sampler(
-        self, interval: float, record: IO[str] | None
-    ) -> Generator[simpy.Event, None, None]:
+    def _sampler(self, interval: float) -> Generator[simpy.Event, None, None]:
         while True:
-            self._take_samples(self.env.now, record)
+            self._take_samples(self.env.now)
             yield self.env.timeout(interval)
 
-    def _take_samples(self, now: float, record: IO[str] | None) -> None:
+    def _take_samples(self, now: float) -> None:
         if self.samples and self.samples[-1].time == now:  # the final one, if the sampler was there
             return
         for replica in self.replicas:
             self.samples.append(replica.sample(now))
-            if record is not None:
-                frame = replica.block_map(now, self.config.kv_map_cells)
-                record.write(json.dumps(frame) + "\n")
+        if self._recorder is not None:
+            self._recorder.sample(now, len(self.metrics) + len(self.rejected))
 
     # ------------------------------------------------------------ bookkeeping
 

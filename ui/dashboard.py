@@ -1,25 +1,25 @@
 """The KV-cache dashboard: watch paged attention and prefix sharing happen.
 
-Two sources feed the same views. Live, a running server's ``GET /engine/state`` (the engine's
-``snapshot()`` plus model and counters) is polled about once a second; each browser session keeps
-its own short history for the over-time charts. Replayed, a simulation's ``kv_trace.jsonl``
-(``yaie simulate --out DIR --record-kv``) is scrubbed with a slider or played.
+Two sources feed the same views through the same code (``render``), both as the engine's
+snapshot (``LLMEngine.snapshot()``). Live, a running server's ``GET /engine/state`` (the snapshot
+plus model and counters) is polled about once a second; each browser session keeps its own short
+history for the over-time charts. Replayed, a simulation's ``kv_trace.jsonl`` (``yaie simulate
+--out DIR --record-kv``) is rebuilt frame by frame into snapshots (``dashboard_recording.py``)
+and scrubbed with a slider or played. A block's state (free, cached, owned, shared) is the
+snapshot's, defined once in ``yaie.core.kv_manager.holder_states``.
 
 All the work happens on the Python side: the block map is one SVG whose cells carry a
 ``data-state`` and a ``<title>`` (the hover), the radix tree and the request table are plain
 HTML, the charts are small data frames. The browser only draws, so the page stays responsive
 however large the pool. One SVG element per block would not: a pool of 100,000 blocks becomes at
 most ``MAX_CELLS`` cells, each standing for a run of neighbouring blocks and coloured by the
-state most of them are in (the simulator's recorder aggregates the same way), and the caption
-says so.
+state most of them are in, and the caption says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import json
 import logging
 import math
 import zlib
@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from html import escape
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -36,6 +35,8 @@ import gradio as gr
 import httpx
 import orjson
 import pandas as pd
+
+from yaie.ui.dashboard_recording import Recording
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,8 @@ GRIDS = ((512, 32, 24), (MAX_CELLS, 64, 14))  # (up to this many cells, columns,
 HISTORY = 600  # live points kept per browser session: ten minutes at one poll a second
 RECENT_STEPS = 200  # steps shown in the batch charts
 STATES = ("free", "cached", "owned", "shared")  # also the tie-break order when aggregating
-CODES = {".": "free", "c": "cached", "o": "owned", "s": "shared"}  # kv_trace.jsonl map letters
 FREE_COLOUR = "#e5e7eb"
 CACHED_COLOUR = "#94a3b8"
-OWNED_COLOUR = "hsl(25,85%,55%)"  # an owned block whose owner was not recorded (replays)
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[
@@ -57,7 +56,7 @@ ASGIApp = Callable[
 
 
 class DashboardError(ValueError):
-    """Something the user can fix (a wrong URL or key, a folder without a recording)."""
+    """Something the user can fix (a wrong URL or API key)."""
 
 
 def request_colour(request_id: str) -> str:
@@ -66,9 +65,9 @@ def request_colour(request_id: str) -> str:
     return f"hsl({hue + 60 if hue >= 240 else hue},70%,50%)"
 
 
-def shared_colour(refcount: int | None) -> str:
+def shared_colour(refcount: int) -> str:
     """Violet, darker the more holders (requests and the tree) a block has."""
-    light = 66 - 10 * (max(2, refcount or 2) - 2)
+    light = 66 - 10 * (max(2, refcount) - 2)
     return f"hsl(270,60%,{max(light, 22)}%)"
 
 
@@ -83,21 +82,21 @@ class Cell:
     count: int  # how many blocks it stands for
     state: str  # the state most of them are in
     owners: list[str]  # requests holding them, those with most blocks first
-    refcount: int | None  # highest reference count among them (None: not recorded)
-    tokens: int | None  # K/V slots filled in them (None: not recorded)
-    mix: dict[str, int]  # blocks per state, for a cell of several blocks (empty: not recorded)
+    refcount: int  # highest reference count among them
+    tokens: int  # K/V slots filled in them
+    mix: dict[str, int]  # blocks per state, for a cell of several blocks
 
     @property
     def colour(self) -> str:
         if self.state == "owned":
-            return request_colour(self.owners[0]) if self.owners else OWNED_COLOUR
+            return request_colour(self.owners[0])
         if self.state == "shared":
             return shared_colour(self.refcount)
         return CACHED_COLOUR if self.state == "cached" else FREE_COLOUR
 
     def title(self, block_size: int) -> str:
         if self.count == 1:
-            in_tree = self.refcount is not None and self.refcount > max(len(self.owners), 1)
+            in_tree = self.refcount > max(len(self.owners), 1)
             how = ", in the radix tree" if in_tree else ""
             if self.state == "shared" and len(self.owners) == 1:
                 how = ", reused from the prefix cache"
@@ -108,12 +107,10 @@ class Cell:
         if self.owners:
             more = f" and {len(self.owners) - 5} more" if len(self.owners) > 5 else ""
             lines.append("owners: " + ", ".join(self.owners[:5]) + more)
-        if self.refcount is not None:
-            lines.append(
-                f"refcount {self.refcount}" if self.count == 1 else f"max refcount {self.refcount}"
-            )
-        if self.tokens is not None:
-            lines.append(f"{self.tokens}/{self.count * block_size} tokens")
+        lines.append(
+            f"refcount {self.refcount}" if self.count == 1 else f"max refcount {self.refcount}"
+        )
+        lines.append(f"{self.tokens}/{self.count * block_size} tokens")
         return "\n".join(lines)
 
 
@@ -123,13 +120,12 @@ class BlockMap:
     block_size: int
     counts: dict[str, int]  # exact blocks per state over the whole pool
     cells: list[Cell]
-    owners_known: bool = True  # recordings keep states only: owned cells get one colour
 
     @classmethod
     def from_snapshot(cls, kv: dict) -> BlockMap:
-        """From the engine snapshot's ``kv`` (one entry per block)."""
+        """From the engine snapshot's ``kv`` (one entry per block), live or replayed."""
         blocks = kv["blocks"]
-        states = [holder_state(b) for b in blocks]
+        states = [b["state"] for b in blocks]
         counts = Counter(states)
         n = len(blocks)
         ncells = min(n, MAX_CELLS)
@@ -142,17 +138,6 @@ class BlockMap:
             bounds = [i * n // ncells for i in range(ncells + 1)]
             cells = [_merge(blocks[a:b], states[a:b]) for a, b in pairwise(bounds)]
         return cls(n, kv["block_size"], {s: counts[s] for s in STATES}, cells)
-
-    @classmethod
-    def from_frame(cls, frame: dict, num_blocks: int, block_size: int) -> BlockMap:
-        """From one ``kv_trace.jsonl`` frame: a letter per cell, already aggregated."""
-        letters = frame["map"]
-        bounds = [i * num_blocks // len(letters) for i in range(len(letters) + 1)]
-        cells = [
-            Cell(a, b - a, CODES[letter], [], None, None, {})
-            for letter, (a, b) in zip(letters, pairwise(bounds))
-        ]
-        return cls(num_blocks, block_size, {s: frame[s] for s in STATES}, cells, owners_known=False)
 
     def to_html(self) -> str:
         cells = self.cells
@@ -186,19 +171,8 @@ class BlockMap:
             f'data-cells="{len(cells)}" {attrs}>'
             f'<p class="kv-caption">{caption}</p>{note}'
             f'<svg viewBox="0 0 {cols * pitch} {rows * pitch}" width="{cols * pitch}" '
-            f'style="max-width:100%;height:auto">{rects}</svg>{_legend(self.owners_known)}</div>'
+            f'style="max-width:100%;height:auto">{rects}</svg>{_legend()}</div>'
         )
-
-
-def holder_state(block: dict) -> str:
-    """The map's state of a snapshot block. The snapshot calls a block ``shared`` as soon as the
-    tree holds it too, which is true of every full block of a lone request; the map keeps those
-    in the request's hue and calls ``shared`` what a request is using but did not compute: blocks
-    held by several requests, or taken from the prefix cache."""
-    holders = len(block["owners"])
-    if holders > 1 or (holders and block.get("reused")):
-        return "shared"
-    return "owned" if holders else "cached" if block["refcount"] else "free"
 
 
 def _merge(chunk: list[dict], states: list[str]) -> Cell:
@@ -208,7 +182,7 @@ def _merge(chunk: list[dict], states: list[str]) -> Cell:
     if mix["free"] == len(chunk):  # most of a large pool, most of the time: skip the rest
         return Cell(first, len(chunk), "free", [], 0, 0, {"free": len(chunk)})
     owners = Counter(o for b in chunk if b["owners"] for o in b["owners"])
-    tokens = sum(b.get("tokens") or 0 for b in chunk)
+    tokens = sum(b["tokens"] for b in chunk)
     refcount = max(b["refcount"] for b in chunk)
     ranked = [o for o, _ in owners.most_common()]
     return Cell(
@@ -220,12 +194,9 @@ def _swatch(colour: str) -> str:
     return f'<span class="kv-swatch" style="background:{colour}"></span>'
 
 
-def _legend(owners_known: bool) -> str:
-    if owners_known:
-        hues = "".join(_swatch(request_colour(r)) for r in "abc")
-        owned = f"{hues} owned by one running request (a hue per request)"
-    else:
-        owned = f"{_swatch(OWNED_COLOUR)} owned by one running request"
+def _legend() -> str:
+    hues = "".join(_swatch(request_colour(r)) for r in "abc")
+    owned = f"{hues} owned by the running request that computed it (a hue per request)"
     return (
         f'<p class="kv-legend">{_swatch(FREE_COLOUR)} free {owned} '
         f"{_swatch(CACHED_COLOUR)} cached in the radix tree, no request holds it "
@@ -255,12 +226,7 @@ class Point:
         return cls(time, in_use, counts["cached"], counts["free"], running, waiting)
 
 
-def radix_html(radix: dict | None) -> str:
-    if not radix:
-        return (
-            '<p class="kv-note">Recordings keep block states, not the tree: watch a server '
-            "(<code>yaie dashboard --url</code>) to see its nodes.</p>"
-        )
+def radix_html(radix: dict) -> str:
     nodes = radix["nodes"]
     children: dict[int | None, list[dict]] = defaultdict(list)
     for node in nodes:
@@ -425,7 +391,7 @@ def http_state(url: str, api_key: str | None = None, timeout: float = 5.0) -> Ca
 
 
 def live_views(state: dict, blocks: BlockMap, points: list[Point]) -> list:
-    """The dashboard's outputs for one engine snapshot (``points`` already holds its point)."""
+    """The dashboard's outputs for one polled engine state (``points`` already holds its point)."""
     stats = state.get("stats", {})
     steps = state.get("steps", [])[-RECENT_STEPS:]
     batches = [
@@ -440,13 +406,27 @@ def live_views(state: dict, blocks: BlockMap, points: list[Point]) -> list:
         ("prefix hit rate", f"{state['kv']['radix']['hit_rate']:.0%}"),
         ("preemptions", str(state.get("num_preemptions", 0))),
     ]
+    return render(items, state, blocks, points, batches, state.get("finished", []))
+
+
+def render(
+    items: list[tuple[str, str]],
+    state: dict,
+    blocks: BlockMap,
+    points: list[Point],
+    batches: list[tuple[float, int, int, int, int]],
+    finished: list[dict],
+) -> list:
+    """The dashboard's outputs, in ``_charts`` order, for one engine snapshot ``state`` (its
+    block map ``blocks`` already built): the one drawing code of the live and replayed views.
+    ``batches`` holds ``(x, requests, prefill tokens, decode tokens, preemptions)``."""
     return [
         _status_html(items),
         blocks.to_html(),
         _usage_frame(points),
         _queue_frame(points),
         *_batch_frames(batches),
-        *_latencies(state.get("finished", [])),
+        *_latencies(finished),
         radix_html(state["kv"]["radix"]),
         requests_html(state["running"], state["waiting"]),
     ]
@@ -455,91 +435,37 @@ def live_views(state: dict, blocks: BlockMap, points: list[Point]) -> list:
 # ------------------------------------------------------------------------------ replay source
 
 
-@dataclass(slots=True)
-class Recording:
-    """A simulation's ``kv_trace.jsonl`` (header + frames) and, beside it, ``requests.csv``."""
-
-    path: Path
-    header: dict
-    frames: list[dict]
-    finished: list[dict]  # per request: finish time, ttft, tpot (seconds)
-
-    @classmethod
-    def load(cls, path: Path) -> Recording:
-        file = path / "kv_trace.jsonl" if path.is_dir() else path
-        if not file.is_file():
-            raise DashboardError(
-                f"{path}: no kv_trace.jsonl; record one with "
-                "`yaie simulate TRACE --out DIR --record-kv`"
-            )
-        with file.open() as f:
-            try:
-                header = json.loads(f.readline())
-                frames = [json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as exc:
-                raise DashboardError(f"{file}: not a KV recording ({exc})") from None
-        if "num_blocks" not in header or not frames:
-            raise DashboardError(f"{file}: not a KV recording (no header or no frames)")
-        return cls(file, header, frames, _finished_requests(file.parent / "requests.csv"))
-
-    @property
-    def replicas(self) -> int:
-        return int(self.header.get("replicas", 1))
-
-    def frames_of(self, replica: int) -> list[dict]:
-        return [f for f in self.frames if f.get("replica", 0) == replica]
-
-    def views(self, index: int, replica: int = 0) -> list:
-        frames = self.frames_of(replica)
-        index = max(0, min(index, len(frames) - 1))
-        frame = frames[index]
-        past = frames[: index + 1]
-        blocks = BlockMap.from_frame(frame, self.header["num_blocks"], self.header["block_size"])
-        points = [Point.of(f["t"], f, f["running"], f["waiting"]) for f in past]
-        # per frame: [steps, largest batch, prefill tokens, decode tokens, preemptions]
-        batches = [(f["t"], *f["batch"][1:]) for f in past[-RECENT_STEPS:] if "batch" in f]
-        done = [m for m in self.finished if m["end"] <= frame["t"]]
-        items = [
-            ("time", f"{frame['t']:.2f} s"),
-            ("sample", f"{index}/{len(frames) - 1}"),  # as the slider counts
-            ("steps", f"{frame.get('step', 0):,}"),
-            ("running", str(frame["running"])),
-            ("waiting", str(frame["waiting"])),
-            ("finished", str(len(done))),
-        ]
-        table = (
-            f'<p>{frame["running"]} running · {frame["waiting"]} waiting.</p><p class="kv-note">'
-            "Recordings keep queue lengths, not each request: watch a server to see them.</p>"
-        )
-        return [
-            _status_html(items),
-            blocks.to_html(),
-            _usage_frame(points),
-            _queue_frame(points),
-            *_batch_frames(batches),
-            *_latencies(done),
-            radix_html(frame.get("radix")),
-            table,
-        ]
+def replay_views(recording: Recording, index: int, replica: int = 0) -> list:
+    """The dashboard's outputs at frame ``index`` of a recording: its snapshot, rebuilt, drawn
+    as a live one; the charts run up to it."""
+    frames = recording.frames_of(replica)
+    index = max(0, min(index, len(frames) - 1))
+    frame = frames[index]
+    past = frames[: index + 1]
+    state = recording.snapshot(index, replica)
+    blocks = BlockMap.from_snapshot(state["kv"])
+    points = [Point.of(f["t"], f, f["running"], f["waiting"]) for f in past]
+    done = [m for m in recording.finished if m["end"] <= frame["t"]]
+    items = [
+        ("time", f"{frame['t']:.2f} s"),
+        ("sample", f"{index}/{len(frames) - 1}"),  # as the slider counts
+        ("steps", f"{frame['step']:,}"),
+        ("running", str(frame["running"])),
+        ("waiting", str(frame["waiting"])),
+        ("finished", str(len(done))),
+        ("prefix hit rate", f"{state['kv']['radix']['hit_rate']:.0%}"),
+        ("preemptions", str(sum(f["batch"][4] for f in past))),
+    ]
+    batches = [_mean_step(f) for f in past[-RECENT_STEPS:] if f["batch"][0]]
+    return render(items, state, blocks, points, batches, done)
 
 
-def _finished_requests(path: Path) -> list[dict]:
-    """TTFT/TPOT per request from the simulation report, keyed by when the request ended."""
-    if not path.is_file():
-        return []
-    out = []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("e2e_s"):
-                continue
-            out.append(
-                {
-                    "end": float(row["arrival_s"]) + float(row["e2e_s"]),
-                    "ttft": float(row["ttft_s"]) if row.get("ttft_s") else None,
-                    "tpot": float(row["tpot_s"]) if row.get("tpot_s") else None,
-                }
-            )
-    return out
+def _mean_step(frame: dict) -> tuple[float, int, int, int, int]:
+    """A frame's ``batch`` (the steps since the previous frame) as one step: the largest batch,
+    the mean prefill and decode tokens per step, the preemptions. Means, not sums, so that a
+    recording thinned by its size cap draws the same bars as a full one."""
+    steps, largest, prefill, decode, preemptions = frame["batch"]
+    return frame["t"], largest, round(prefill / steps), round(decode / steps), preemptions
 
 
 # ------------------------------------------------------------------------------ the app
@@ -570,7 +496,7 @@ INTRO = (
 
 
 def _charts(x_title: str) -> list:
-    """The output components after the block map, in ``live_views``/``Recording.views`` order."""
+    """The output components after the block map, in ``render``'s order."""
     with gr.Row():
         usage = gr.LinePlot(
             x="time", y="blocks", color="state", title="KV blocks over time", x_title="time (s)"
@@ -636,13 +562,20 @@ def live_dashboard(fetch: Callable[[], dict], interval: float = 1.0, source: str
 
 def replay_dashboard(recording: Recording, interval: float = 0.5) -> gr.Blocks:
     """The dashboard over a recording: a slider over its samples, play/pause."""
-    last = len(recording.frames_of(0)) - 1
+    frames = recording.frames_of(0)
+    last = len(frames) - 1
     with gr.Blocks(title="YAIE dashboard (replay)", analytics_enabled=False) as blocks:
-        head = recording.header
+        thinned = ""
+        if frames[-1]["sample"] > last:
+            thinned = (
+                f" of the run's {frames[-1]['sample'] + 1} (the recording's size cap skipped "
+                "the others)"
+            )
         gr.Markdown(
             f"## YAIE KV cache, replayed from `{recording.path}`\n"
-            f"{head['num_blocks']:,} blocks of {head['block_size']} tokens, "
-            f"{recording.replicas} replica(s), {len(recording.frames)} samples. {INTRO}"
+            f"{recording.num_blocks:,} blocks of {recording.block_size} tokens, "
+            f"{recording.replicas} replica(s), {len(frames)} samples{thinned}. Batch charts: "
+            f"per step, averaged between samples. {INTRO}"
         )
         with gr.Row():
             slider = gr.Slider(
@@ -677,7 +610,7 @@ def replay_dashboard(recording: Recording, interval: float = 0.5) -> gr.Blocks:
             return nxt, more, gr.Timer(active=more), gr.Button("Pause" if more else "Play")
 
         def show(index: float, replica: float) -> list:
-            return recording.views(int(index), int(replica))
+            return replay_views(recording, int(index), int(replica))
 
         play.click(toggle, [playing, slider], [playing, timer, play, slider])
         timer.tick(advance, slider, [slider, playing, timer, play], show_progress="hidden")

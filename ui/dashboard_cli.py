@@ -38,7 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_dashboard(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from yaie.ui.dashboard import Recording, asgi_app, http_state, live_dashboard, replay_dashboard
+    from yaie.ui.dashboard import asgi_app, http_state, live_dashboard, replay_dashboard
+    from yaie.ui.dashboard_recording import Recording
 
     if args.interval is not None and args.interval <= 0:
         raise ValueError("--interval must be > 0")

@@ -1,8 +1,7 @@
-"""The dashboard's views, without a browser: block states, aggregation, radix tree, recordings."""
+"""The dashboard's views, without a browser: block states, aggregation, radix tree, replays."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -10,14 +9,19 @@ import pytest
 from engine_helpers import make_engine
 
 from yaie.core.sampling import SamplingParams
+from yaie.simulator.cost import MODELS, RooflineCostModel
+from yaie.simulator.driver import SimConfig, simulate
+from yaie.simulator.hardware import HARDWARE
+from yaie.simulator.kv_recording import ReplicaRecorder
+from yaie.simulator.traces import LoadOptions, load_trace
 from yaie.ui.dashboard import (
     MAX_CELLS,
     BlockMap,
-    DashboardError,
-    Recording,
     radix_html,
+    replay_views,
     request_colour,
 )
+from yaie.ui.dashboard_recording import Recording, RecordingError
 
 
 def _run(engine, steps: int) -> None:
@@ -41,9 +45,13 @@ def test_a_lone_request_owns_its_blocks_then_the_tree_keeps_the_full_ones() -> N
     engine = make_engine(num_blocks=16, block_size=4)
     engine.add_request("a", PROMPT, SamplingParams(max_tokens=6, ignore_eos=True))
     _run(engine, 2)
-    running = BlockMap.from_snapshot(engine.snapshot()["kv"])
-    # 17 prompt tokens + 1 sampled: 5 blocks, all computed by "a" itself: owned, none shared
-    # (the snapshot itself calls the 4 full ones "shared" because the tree holds them too).
+    kv = engine.snapshot()["kv"]
+    running = BlockMap.from_snapshot(kv)
+    # 17 prompt tokens + 1 sampled: 5 blocks, all computed by "a" itself: owned, none shared,
+    # though the tree holds the 4 full ones too (refcount 2).
+    assert [(b["state"], b["refcount"]) for b in kv["blocks"][:5]] == [("owned", 2)] * 4 + [
+        ("owned", 1)
+    ]
     assert running.counts == {"free": 11, "cached": 0, "owned": 5, "shared": 0}
     assert all(c.colour == request_colour("a") for c in running.cells if c.state == "owned")
     first = running.cells[0]
@@ -122,41 +130,74 @@ def test_radix_tree_view_collapses_chains_and_marks_locks() -> None:
     assert html.count('data-locked="0"') == 2 and 'data-locked="2"' in html
 
 
-def _write_recording(path: Path, frames: list[dict]) -> None:
-    header = {"num_blocks": 10, "block_size": 16, "replicas": 1, "cells": 5}
-    path.write_text("\n".join(json.dumps(x) for x in [header, *frames]) + "\n")
-
-
-def test_a_recording_replays_its_frames(tmp_path: Path) -> None:
-    frame = {
-        "t": 1.0,
-        "replica": 0,
-        "step": 3,
-        "running": 1,
-        "waiting": 0,
-        "batch": [3, 1, 20, 2, 0],
-    }
-    _write_recording(
-        tmp_path / "kv_trace.jsonl",
-        [
-            {**frame, "t": 0.0, "free": 10, "cached": 0, "owned": 0, "shared": 0, "map": "....."},
-            {**frame, "free": 4, "cached": 2, "owned": 3, "shared": 1, "map": "oosc."},
-        ],
+def _simulate(tmp_path: Path) -> Recording:
+    """A recording of 200 requests whose prompts start with one of a few system prompts."""
+    trace = load_trace(
+        Path(__file__).parents[2] / "traces" / "shared_prefix.jsonl",
+        options=LoadOptions(rate_scale=5),
     )
+    cost = RooflineCostModel(MODELS["smollm2-135m"], HARDWARE["h100"])
+    record = tmp_path / "kv_trace.jsonl"
+    simulate(trace, SimConfig(num_blocks=600, sample_interval=0.05, record_kv=record), cost)
     (tmp_path / "requests.csv").write_text(
         "request,arrival_s,ttft_s,tpot_s,e2e_s\n0,0.1,0.05,0.01,0.5\n"
     )
-    rec = Recording.load(tmp_path)
-    status, block_map, usage, *_ = rec.views(1)
-    assert _cells(block_map) == ["owned", "owned", "shared", "cached", "free"]
-    assert 'data-owned="3"' in block_map and "1 finished" in status.replace("</b>", "")
-    assert list(usage["blocks"]) == [0, 0, 10, 4, 2, 4]  # in use, cached only, free at t=0 and 1
-    assert rec.views(0)[1] != block_map
+    return Recording.load(tmp_path)
+
+
+def test_a_replay_draws_hues_per_request_the_radix_tree_and_the_requests(tmp_path: Path) -> None:
+    rec = _simulate(tmp_path)
+    frames = rec.frames_of(0)
+    busiest = max(range(len(frames)), key=lambda i: (frames[i]["running"], frames[i]["shared"]))
+    status, block_map, usage, _, tokens, _, ttft, _, radix, table = replay_views(rec, busiest)
+    state = rec.snapshot(busiest)
+    running = state["running"]
+    assert len(running) == frames[busiest]["running"] > 2
+    # One hue per running request in the map, each the hue of its row in the requests table.
+    fills = set(re.findall(r'fill="([^"]+)" data-state="owned"', block_map))
+    assert fills == {request_colour(r["id"]) for r in running if _owns_a_block(state, r["id"])}
+    assert len(fills) > 2 and all(request_colour(r["id"]) in table for r in running)
+    assert table.count('data-status="running"') == len(running)
+    assert 'data-shared="0"' not in block_map and "owners: " in block_map
+    # The radix tree, with the system prompts' node locked by the requests using it.
+    assert radix.count("<li") > 3 and "hits" in radix and 'data-locked="0"' in radix
+    assert re.search(r'data-locked="[1-9]', radix)
+    assert f"{busiest}/{len(frames) - 1}" in status and "prefix hit rate" in status
+    assert len(usage) == 3 * (busiest + 1) and set(tokens["kind"]) == {"prefill", "decode"}
+    assert list(ttft["requests"]) == ([1] if frames[busiest]["t"] >= 0.6 else [0])
+    # Another moment, another picture.
+    other = replay_views(rec, busiest // 2)
+    assert other[1] != block_map and other[8] != radix
+
+
+def _owns_a_block(state: dict, request_id: str) -> bool:
+    return any(b["state"] == "owned" and request_id in b["owners"] for b in state["kv"]["blocks"])
+
+
+def test_a_replayed_frame_is_drawn_as_the_live_snapshot_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same drawing code, fed the same snapshot: the block map and the radix tree of a
+    replayed frame are the HTML the live view drew from the engine at that moment."""
+    truth: dict[int, dict] = {}
+    frame = ReplicaRecorder.frame
+
+    def frame_and_snapshot(recorder: ReplicaRecorder, now: float, sample: int) -> dict:
+        truth[sample] = recorder.engine.snapshot()
+        return frame(recorder, now, sample)
+
+    monkeypatch.setattr(ReplicaRecorder, "frame", frame_and_snapshot)
+    rec = _simulate(tmp_path)
+    for i in range(0, len(rec.frames_of(0)), 25):
+        live = truth[rec.frames_of(0)[i]["sample"]]
+        _, block_map, *_, radix, _ = replay_views(rec, i)
+        assert block_map == BlockMap.from_snapshot(live["kv"]).to_html()
+        assert radix == radix_html(live["kv"]["radix"])
 
 
 def test_a_folder_without_a_recording_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(DashboardError, match="no kv_trace.jsonl; record one with"):
+    with pytest.raises(RecordingError, match="no kv_trace.jsonl; record one with"):
         Recording.load(tmp_path)
     (tmp_path / "kv_trace.jsonl").write_text("not json\n")
-    with pytest.raises(DashboardError, match="not a KV recording"):
+    with pytest.raises(RecordingError, match="not a KV recording"):
         Recording.load(tmp_path)

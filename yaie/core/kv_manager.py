@@ -8,7 +8,9 @@ at once and requests arriving meanwhile already share them.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from yaie.core.block_pool import BlockPool
 from yaie.core.radix_cache import RadixCache, RadixNode
@@ -130,48 +132,14 @@ class KVCacheManager:
         return KVUsage(pool.num_blocks, pool.num_free, used, cached, evictable)
 
     def snapshot(self, requests: list[Request]) -> dict:
-        """Per block: ``free``, ``cached`` (tree only), ``owned`` (by request ids) or ``shared``
-        (several owners, or an owner plus the tree), with refcounts, ``tokens`` (the slots
-        holding computed K/V; a tree block is full) and ``reused`` (an owner took it from the
-        prefix cache instead of computing it). Cost O(blocks): for dashboards and tests, not for
-        the step loop."""
-        bs = self.block_size
-        owners: dict[int, list[str]] = {}
-        filled: dict[int, int] = {}
-        reused: set[int] = set()
-        for req in requests:
-            hit = req.num_cached_tokens // bs  # blocks matched in the tree on admission
-            for i, b in enumerate(req.block_ids):
-                owners.setdefault(b, []).append(req.request_id)
-                here = min(bs, max(0, req.num_computed_tokens - i * bs))
-                filled[b] = max(filled.get(b, 0), here)
-                if i < hit:
-                    reused.add(b)
-        cached = self.radix.cached_block_ids()
-        refs = self.pool.ref_counts
-        blocks = []
-        for b in range(self.pool.num_blocks):
-            who = owners.get(b, [])
-            if refs[b] == 0:
-                state = "free"
-            elif not who:
-                state = "cached"
-            elif len(who) > 1 or b in cached:
-                state = "shared"
-            else:
-                state = "owned"
-            tokens = 0 if state == "free" else bs if b in cached else filled.get(b, 0)
-            blocks.append(
-                {
-                    "id": b,
-                    "state": state,
-                    "refcount": refs[b],
-                    "owners": who,
-                    "tokens": tokens,
-                    "reused": b in reused,
-                }
-            )
-        return {"block_size": bs, "blocks": blocks, "radix": self.radix.summary()}
+        """Per block: ``state`` (see ``holder_states``), ``refcount``, ``owners`` (request ids),
+        ``tokens`` (the slots holding computed K/V; a tree block is full) and ``reused`` (an
+        owner took it from the prefix cache instead of computing it); and the radix summary.
+        Cost O(blocks): for dashboards and tests, not for the step loop."""
+        blocks = snapshot_blocks(
+            self.block_size, requests, self.radix.cached_block_ids(), self.pool.ref_counts
+        )
+        return {"block_size": self.block_size, "blocks": blocks, "radix": self.radix.summary()}
 
     def check_invariants(self, requests: list[Request]) -> None:
         """Every reference is accounted for: a block's refcount equals the request tables that
@@ -190,3 +158,72 @@ class KVCacheManager:
         assert set(free) == {b for b, r in enumerate(expected) if r == 0}, "free list is wrong"
         for req in requests:
             assert len(set(req.block_ids)) == len(req.block_ids), "a request owns a block twice"
+
+
+# ------------------------------------------------------------ block states
+
+
+class BlockHolder(Protocol):
+    """What a block's state depends on in a request: a ``Request``, or one rebuilt from a
+    recording (the dashboard's replay)."""
+
+    request_id: str
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_cached_tokens: int
+
+
+def holder_states(holders: Iterable[BlockHolder], block_size: int) -> dict[int, str]:
+    """``owned`` or ``shared`` for every block a request holds: the one definition of the two,
+    used by the engine snapshot, the dashboard and the simulator's recordings.
+
+    A block is *shared* when more than one request holds it, or when its one holder took it
+    from the prefix cache (the first ``num_cached_tokens // block_size`` blocks of its table)
+    instead of computing it: K/V computed once, read by a request that did not compute it.
+    Otherwise it is *owned*. The radix tree's own reference does not count: every full block
+    enters the tree as soon as it fills, so counting it would call nearly every block of a lone
+    request shared. The tree shows in ``refcount`` (holders plus one if the tree keeps it) and,
+    once no request holds the block, in the state ``cached``."""
+    states: dict[int, str] = {}
+    for holder in holders:
+        hit = holder.num_cached_tokens // block_size
+        for i, b in enumerate(holder.block_ids):
+            states[b] = "shared" if i < hit or b in states else "owned"
+    return states
+
+
+def snapshot_blocks(
+    block_size: int,
+    holders: Sequence[BlockHolder],
+    tree_blocks: Collection[int],
+    refcounts: Sequence[int],
+) -> list[dict]:
+    """One entry per block (``KVCacheManager.snapshot``'s ``blocks``): ``free`` (refcount 0),
+    ``cached`` (held by the radix tree only), else ``owned``/``shared`` by ``holder_states``."""
+    owners: dict[int, list[str]] = {}
+    filled: dict[int, int] = {}
+    reused: set[int] = set()
+    for holder in holders:
+        hit = holder.num_cached_tokens // block_size  # blocks matched in the tree on admission
+        for i, b in enumerate(holder.block_ids):
+            owners.setdefault(b, []).append(holder.request_id)
+            here = min(block_size, max(0, holder.num_computed_tokens - i * block_size))
+            filled[b] = max(filled.get(b, 0), here)
+            if i < hit:
+                reused.add(b)
+    held = holder_states(holders, block_size)
+    blocks = []
+    for b, refs in enumerate(refcounts):
+        state = held.get(b) or ("cached" if refs else "free")
+        tokens = 0 if state == "free" else block_size if b in tree_blocks else filled.get(b, 0)
+        blocks.append(
+            {
+                "id": b,
+                "state": state,
+                "refcount": refs,
+                "owners": owners.get(b, []),
+                "tokens": tokens,
+                "reused": b in reused,
+            }
+        )
+    return blocks
