@@ -1,4 +1,4 @@
-"""Process settings the CPU path needs to run at speed: heap reuse and the numba thread count.
+"""Process settings the CPU path needs to run at speed: heap reuse, and how numba kernels launch.
 
 glibc serves allocations of 128 KiB and up with fresh ``mmap`` pages and hands freed ones back
 to the OS, so every layer of a step would page-fault in again the buffers the previous layer
