@@ -13,6 +13,7 @@ import csv
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,19 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The counts of a ``Sample`` (all but its time and replica): the columns of ``timeseries.csv``
+# after those two, and what ``_aggregate`` sums across replicas.
+_SAMPLE_COUNTS = (
+    "running",
+    "waiting",
+    "blocks_used",
+    "blocks_cached_only",
+    "blocks_free",
+    "generated_tokens",
+    "preemptions",
+)
+
+
 def write_report(
     out_dir: Path, report: dict[str, Any], result: SimResult, trace: Trace, plots: bool = True
 ) -> list[Path]:
@@ -171,68 +185,43 @@ def write_report(
     paths = [out_dir / "summary.json", out_dir / "requests.csv", out_dir / "timeseries.csv"]
     paths[0].write_text(json.dumps(report, indent=2) + "\n")
     arrivals = trace.requests
-    with paths[1].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
+    _write_csv(
+        paths[1],
+        [
+            "request",
+            "arrival_s",
+            "prompt_tokens",
+            "cached_tokens",
+            "output_tokens",
+            "finish_reason",
+            "queue_s",
+            "ttft_s",
+            "tpot_s",
+            "e2e_s",
+            "preemptions",
+        ],
+        (
             [
-                "request",
-                "arrival_s",
-                "prompt_tokens",
-                "cached_tokens",
-                "output_tokens",
-                "finish_reason",
-                "queue_s",
-                "ttft_s",
-                "tpot_s",
-                "e2e_s",
-                "preemptions",
+                r.request_id,
+                _g(arrivals[int(r.request_id)].arrival),
+                r.num_prompt_tokens,
+                r.num_cached_tokens,
+                r.num_output_tokens,
+                r.finish_reason,
+                _g(r.queue_time),
+                _g(r.ttft),
+                _g(r.tpot),
+                _g(r.e2e),
+                r.num_preemptions,
             ]
-        )
-        for r in sorted(result.metrics, key=lambda r: int(r.request_id)):
-            w.writerow(
-                [
-                    r.request_id,
-                    _g(arrivals[int(r.request_id)].arrival),
-                    r.num_prompt_tokens,
-                    r.num_cached_tokens,
-                    r.num_output_tokens,
-                    r.finish_reason,
-                    _g(r.queue_time),
-                    _g(r.ttft),
-                    _g(r.tpot),
-                    _g(r.e2e),
-                    r.num_preemptions,
-                ]
-            )
-    with paths[2].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            [
-                "time_s",
-                "replica",
-                "running",
-                "waiting",
-                "blocks_used",
-                "blocks_cached_only",
-                "blocks_free",
-                "generated_tokens",
-                "preemptions",
-            ]
-        )
-        for s in result.samples:
-            w.writerow(
-                [
-                    _g(s.time),
-                    s.replica,
-                    s.running,
-                    s.waiting,
-                    s.blocks_used,
-                    s.blocks_cached_only,
-                    s.blocks_free,
-                    s.generated_tokens,
-                    s.preemptions,
-                ]
-            )
+            for r in sorted(result.metrics, key=lambda r: int(r.request_id))
+        ),
+    )
+    _write_csv(
+        paths[2],
+        ["time_s", "replica", *_SAMPLE_COUNTS],
+        ([_g(s.time), s.replica, *(getattr(s, n) for n in _SAMPLE_COUNTS)] for s in result.samples),
+    )
     if plots:
         paths += plot(out_dir, result)
     return paths
@@ -311,20 +300,19 @@ def plot(out_dir: Path, result: SimResult) -> list[Path]:
 def _aggregate(samples: list[Sample]) -> list[dict[str, float]]:
     """Sum the replicas' samples taken at the same instant."""
     by_time: dict[float, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    fields = (
-        "running",
-        "waiting",
-        "blocks_used",
-        "blocks_cached_only",
-        "blocks_free",
-        "generated_tokens",
-        "preemptions",
-    )
     for s in samples:
         row = by_time[s.time]
-        for name in fields:
+        for name in _SAMPLE_COUNTS:
             row[name] += getattr(s, name)
     return [{"time": t, **row} for t, row in sorted(by_time.items())]
+
+
+def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
+    """One header line, then a line per row (rows stream in: a long run has millions)."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def _mean(values: list[float]) -> float:

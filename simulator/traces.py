@@ -295,12 +295,7 @@ def apply_options(trace: Trace, opts: LoadOptions) -> Trace:
             f"(hash block {trace.hash_block} -> {hash_block} tokens)"
         )
     if opts.max_input_len is not None:
-        clipped = removed = 0
-        for r in reqs:
-            if r.input_len > opts.max_input_len:
-                clipped += 1
-                removed += r.input_len - opts.max_input_len
-                r.input_len = opts.max_input_len
+        clipped, removed = _clip_lengths(reqs, "input_len", opts.max_input_len)
         if clipped:
             notes.append(
                 f"{clipped} of {len(reqs)} prompts clipped to {opts.max_input_len} tokens "
@@ -308,12 +303,7 @@ def apply_options(trace: Trace, opts: LoadOptions) -> Trace:
                 f"{removed / max(1, sum(r.input_len for r in reqs) + removed):.1%})"
             )
     if opts.max_output_len is not None:
-        clipped = removed = 0
-        for r in reqs:
-            if r.output_len > opts.max_output_len:
-                clipped += 1
-                removed += r.output_len - opts.max_output_len
-                r.output_len = opts.max_output_len
+        clipped, removed = _clip_lengths(reqs, "output_len", opts.max_output_len)
         if clipped:
             notes.append(
                 f"{clipped} of {len(reqs)} outputs clipped to {opts.max_output_len} tokens "
@@ -325,6 +315,20 @@ def apply_options(trace: Trace, opts: LoadOptions) -> Trace:
         if r.prefix_groups:
             r.prefix_groups = _clip_groups(r.prefix_groups, r.input_len)
     return Trace(reqs, trace.source, hash_block, notes)
+
+
+def _clip_lengths(reqs: list[TraceRequest], attr: str, limit: int) -> tuple[int, int]:
+    """Cut each request's ``attr`` (``input_len`` or ``output_len``) down to ``limit`` tokens,
+    in place; return how many requests were cut and how many tokens that removed, for the note
+    that tells the report how far the clipped trace is from the original."""
+    clipped = removed = 0
+    for r in reqs:
+        n = getattr(r, attr)
+        if n > limit:
+            clipped += 1
+            removed += n - limit
+            setattr(r, attr, limit)
+    return clipped, removed
 
 
 def _clip_groups(groups: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:

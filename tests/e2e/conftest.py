@@ -14,22 +14,15 @@ of the module. Its log is printed if it fails to start.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_helpers import Server, wait_healthy
+from server_helpers import Server, free_port, stop_process, wait_healthy
 
 STARTUP_TIMEOUT_S = 600  # loading the model on a busy 2-core CI box
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def server(
     args = [str(a) for a in getattr(request.module, "SERVER_ARGS", [])]
     script = getattr(request.module, "SERVER_SCRIPT", None)
     api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
-    port = _free_port()
+    port = free_port()
     entry = (
         [str(Path(request.module.__file__).parent / script)]
         if script
@@ -55,9 +48,4 @@ def server(
         wait_healthy(url, process, log_path, STARTUP_TIMEOUT_S)
         yield Server(url, api_key)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=30)

@@ -1,7 +1,9 @@
-"""What the server tests share: a handle on a running ``yaie serve`` and the idle-pool check."""
+"""What the tests that run ``yaie`` in a subprocess share: a port to start it on, stopping it,
+a handle on a running ``yaie serve`` and the idle-pool check."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -83,3 +85,21 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s:
             pass
         time.sleep(0.25)
     pytest.fail(f"yaie serve was not healthy in {timeout_s} s:\n{log_path.read_text()}")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the OS picks it), for a child server to bind."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """Ask ``process`` to exit (SIGTERM: ``yaie`` shuts down cleanly) and wait; kill it if it is
+    still running after ``timeout_s``, so a hung child never outlives the test."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

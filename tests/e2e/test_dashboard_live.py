@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import pytest
 from dashboard_helpers import (
     chromium,
-    free_port,
     map_counts,
     open_page,
     screenshot,
@@ -21,7 +20,7 @@ from dashboard_helpers import (
     yaie_process,
 )
 from playwright.sync_api import Browser, Page
-from server_helpers import Server
+from server_helpers import Server, free_port
 
 from yaie.ui.dashboard import BlockMap, DashboardError, http_state, request_colour
 

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
-from dashboard_helpers import chromium, free_port, map_counts, open_page, screenshot
+from dashboard_helpers import chromium, map_counts, open_page, screenshot
 from litestar import Litestar, get
+from server_helpers import free_port
 
 from yaie.core.engine import EngineConfig, LLMEngine
 from yaie.core.hash_executor import HashExecutor

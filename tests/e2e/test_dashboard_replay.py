@@ -11,13 +11,13 @@ from dashboard_helpers import (
     cell_states,
     cells,
     chromium,
-    free_port,
     map_counts,
     open_page,
     screenshot,
     wait_for_map,
     yaie_process,
 )
+from server_helpers import free_port
 
 from yaie.cli import main
 from yaie.ui.dashboard import STATES, request_colour
