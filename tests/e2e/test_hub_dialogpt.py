@@ -28,7 +28,6 @@ import json
 import os
 import pty
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import pytest
 import safetensors.torch
 import torch
 from mock_hub import HubRepo, MockHub, Request, serve_hub
-from server_helpers import wait_healthy
+from server_helpers import free_port, stop_process, wait_healthy
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -198,12 +197,6 @@ def _run_on_a_terminal(cmd: list[str], env: dict[str, str]) -> tuple[int, str, s
     return done.returncode, done.stdout.decode(), b"".join(shown).decode(errors="replace")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _repo_requests(requests: list[Request]) -> list[Request]:
     """The requests about the model: its info, its file list, its files (not the client's own
     user-agent registry)."""
@@ -287,7 +280,7 @@ def test_dialogpt_downloads_once_then_generates_chats_and_serves(
 
     # (c) `yaie serve` answers the openai client; from the cache, and offline: once downloaded,
     # the model no longer needs the Hub at all.
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
@@ -310,8 +303,7 @@ def test_dialogpt_downloads_once_then_generates_chats_and_serves(
         # The same weights and prompt, greedy: the same text `generate` printed.
         assert reply.choices[0].message.content == generated
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process(server, timeout_s=30)
     assert _repo_requests(hub.take_requests()) == [], log_path.read_text()
 
 
