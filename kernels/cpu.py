@@ -15,8 +15,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numba
 import torch
@@ -45,18 +44,22 @@ def keep_freed_memory() -> bool:
 
 
 _LAUNCH_LOCK = threading.Lock()
+_numba_threads = threading.local()  # numba's thread count is a per-calling-thread setting
 
 
-@contextmanager
-def numba_parallel_launch() -> Iterator[None]:
-    """Around every launch of a ``parallel=True`` numba kernel (``gemv``, CPU decode attention).
+def run_parallel(kernel: Callable[..., None], *args: object) -> None:
+    """``kernel(*args)`` for a ``parallel=True`` numba kernel (``gemv``, CPU decode attention).
 
-    - Gives the kernel as many threads as torch uses, so ``torch.set_num_threads`` governs every
-      CPU op. numba keeps that setting per calling thread, so it is applied at each launch: the
-      engine may run on a thread of its own (``AsyncEngine``).
-    - Serializes launches from different threads: numba's fallback threading layer (workqueue,
+    - The kernel gets as many threads as torch uses, so ``torch.set_num_threads`` governs every
+      CPU op. numba keeps that setting per calling thread, so it is checked at each launch (the
+      engine may run on a thread of its own, ``AsyncEngine``) and changed only when it differs:
+      ``numba.set_num_threads`` costs about a microsecond, a tenth of a small projection.
+    - Launches from different threads take turns: numba's fallback threading layer (workqueue,
       used where no OpenMP runtime is installed) aborts the process on concurrent launches.
     """
     with _LAUNCH_LOCK:
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        yield
+        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if getattr(_numba_threads, "count", None) != threads:
+            numba.set_num_threads(threads)
+            _numba_threads.count = threads
+        kernel(*args)

@@ -27,7 +27,7 @@ import numba
 import numpy as np
 import torch
 
-from yaie.kernels.cpu import numba_parallel_launch
+from yaie.kernels.cpu import run_parallel
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -114,15 +114,15 @@ def paged_decode_attention_cpu(
     if seq_ids.shape[0] == 0:
         return
     rows = query_start_loc.index_select(0, seq_ids)
-    with numba_parallel_launch():
-        _decode_kernel(
-            q.contiguous().numpy(),
-            k_cache.numpy(),
-            v_cache.numpy(),
-            out.numpy(),
-            block_tables.numpy(),
-            seq_lens.numpy(),
-            rows.numpy(),
-            seq_ids.numpy(),
-            scale,
-        )
+    run_parallel(
+        _decode_kernel,
+        q.contiguous().numpy(),
+        k_cache.numpy(),
+        v_cache.numpy(),
+        out.numpy(),
+        block_tables.numpy(),
+        seq_lens.numpy(),
+        rows.numpy(),
+        seq_ids.numpy(),
+        scale,
+    )

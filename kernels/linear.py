@@ -4,7 +4,7 @@ On CUDA, GEMMs stay on torch (cuBLAS). On CPU a decode step is a stream of weigh
 every weight is read once to make one row of output, so the step takes as long as reading the
 model from memory. Two CPU paths, chosen by the number of rows:
 
-- **A few rows (decode of 1-4 requests): ``gemv``**, a numba kernel that splits the output
+- **A few rows (decode of 1-2 requests): ``gemv``**, a numba kernel that splits the output
   features across the CPU's threads and computes each as a plain dot product over one
   contiguous weight row. Nothing but the weight stream touches memory, so it reads at close to
   the machine's read bandwidth. Measured on SmolLM2-135M shapes (2-core AMD EPYC, fp32, the 121
@@ -23,75 +23,74 @@ product), so results differ from ``F.linear`` by float32 rounding, as oneDNN's d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from yaie.kernels.cpu import numba_parallel_launch
+from yaie.kernels.cpu import run_parallel
 
 # oneDNN picks its blocking for this many rows; measured as good for 1-row decodes too.
 _PACK_BATCH_HINT = 512
 
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 2
 """Most rows ``linear`` sends to ``gemv``; above it oneDNN is faster (see the module docstring)."""
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _gemv_kernel(
-    w: np.ndarray, x: np.ndarray, bias: np.ndarray, out: np.ndarray, num_chunks: int
-) -> None:
+def _gemv_kernel(w: np.ndarray, x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
     """``out[m, n] = x[m] . w[n] + bias[n]`` (``bias`` empty for none).
 
-    Each of ``num_chunks`` threads owns a contiguous range of output features, so it streams
-    its own slice of ``w`` from memory exactly once; the ``x`` rows it multiplies stay in L1.
+    ``prange`` hands each thread one contiguous range of output features, so each thread
+    streams its own slice of ``w`` from memory exactly once; the ``x`` rows stay in L1.
     """
     num_out, num_in = w.shape
     has_bias = bias.shape[0] > 0
-    for chunk in numba.prange(num_chunks):
-        for n in range(chunk * num_out // num_chunks, (chunk + 1) * num_out // num_chunks):
-            for m in range(x.shape[0]):
-                acc = np.float32(0.0)
-                for k in range(num_in):
-                    acc += w[n, k] * x[m, k]
-                out[m, n] = acc + bias[n] if has_bias else acc
+    for n in numba.prange(num_out):
+        for m in range(x.shape[0]):
+            acc = np.float32(0.0)
+            for k in range(num_in):
+                acc += w[n, k] * x[m, k]
+            out[m, n] = acc + bias[n] if has_bias else acc
 
 
 _NO_BIAS = np.empty(0, dtype=np.float32)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x [..., in] W^T + b`` for CPU float32 tensors with few rows, by ``_gemv_kernel``.
+@dataclass(frozen=True, slots=True)
+class CpuWeight:
+    """A CPU weight prepared once, at load, for the fast paths (``pack_weight``).
 
-    Uses as many threads as torch does (``numba_parallel_launch``).
+    ``onednn`` is oneDNN's blocked copy (opaque, not a strided tensor); ``rows`` is a numpy
+    view of the fp32 weight for ``gemv`` (``None`` for bf16), made once because converting a
+    tensor at every call would cost a tenth of a small projection.
     """
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
-    with numba_parallel_launch():
-        _gemv_kernel(
-            weight.detach().numpy(),
-            rows.numpy(),
-            _NO_BIAS if bias is None else bias.detach().numpy(),
-            out.numpy(),
-            numba.get_num_threads(),
-        )
-    return out.view(*x.shape[:-1], weight.shape[0])
+
+    onednn: torch.Tensor
+    rows: np.ndarray | None
 
 
-def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        x.dtype == weight.dtype == torch.float32
-        and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-        and weight.is_contiguous()
-        and not (x.requires_grad or weight.requires_grad)
+def gemv(x: torch.Tensor, rows: np.ndarray, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [T, in] W^T + b`` for a few float32 rows, ``rows`` being ``W [out, in]`` as numpy."""
+    x = x if x.is_contiguous() else x.contiguous()
+    out = torch.empty(x.shape[0], rows.shape[0], dtype=torch.float32)
+    run_parallel(
+        _gemv_kernel,
+        rows,
+        x.numpy(),
+        _NO_BIAS if bias is None else bias.detach().numpy(),
+        out.numpy(),
     )
+    return out
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """A oneDNN-layout copy of ``weight [out, in]``, or ``None`` where packing does not apply.
+def pack_weight(weight: torch.Tensor) -> CpuWeight | None:
+    """``weight [out, in]`` prepared for the CPU fast paths, or ``None`` where they do not apply.
 
-    Only CPU fp32/bf16 weights are packed; the copy is opaque (not a strided tensor), so the
-    layer keeps its plain weight for loading, for ``gemv`` and for devices that ignore it.
+    Only CPU fp32/bf16 weights are packed; the layer keeps its plain weight for loading and for
+    devices that ignore the packed one.
     """
     if (
         weight.device.type != "cpu"
@@ -99,7 +98,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
         or not torch.backends.mkldnn.is_available()
     ):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
+    plain = weight.detach()
+    return CpuWeight(
+        onednn=torch.ops.mkldnn._reorder_linear_weight(plain, _PACK_BATCH_HINT),
+        rows=plain.contiguous().numpy() if plain.dtype == torch.float32 else None,
+    )
 
 
 def linear_reference(
@@ -113,12 +116,19 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    packed: torch.Tensor | None = None,
+    packed: CpuWeight | None = None,
 ) -> torch.Tensor:
-    """The model's entry point. ``packed`` marks a CPU weight prepared by ``pack_weight``: it
-    takes ``gemv`` for a few float32 rows, else the packed oneDNN GEMM; otherwise torch."""
+    """The model's entry point. ``packed`` marks a CPU weight prepared by ``pack_weight``: 2-D
+    float32 inputs of up to ``GEMV_MAX_ROWS`` rows take ``gemv``, others the packed oneDNN GEMM;
+    without it, torch."""
     if packed is None:
         return linear_reference(x, weight, bias)
-    if _gemv_applies(x, weight):
-        return gemv(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+    if (
+        packed.rows is not None
+        and x.dim() == 2
+        and x.shape[0] <= GEMV_MAX_ROWS
+        and x.dtype == torch.float32
+        and not x.requires_grad
+    ):
+        return gemv(x, packed.rows, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed.onednn, bias, "none", [None], "")

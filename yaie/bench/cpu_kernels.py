@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from yaie.kernels.attention import paged_attention_cpu, paged_attention_reference
-from yaie.kernels.linear import gemv, pack_weight
+from yaie.kernels.linear import CpuWeight, gemv, pack_weight
 from yaie.model.attention import AttentionMetadata
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 30, 576, 9, 3, 64, 1536, 49152
@@ -60,8 +60,8 @@ def _step_weights() -> list[torch.Tensor]:
     ]
 
 
-def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+def _onednn(x: torch.Tensor, packed: CpuWeight, bias: None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed.onednn, None, "none", [None], "")
 
 
 def _project(linear: Callable, inputs: list[torch.Tensor], weights: list) -> None:
@@ -84,7 +84,7 @@ def projections(rounds: int) -> list[tuple[str, ...]]:
         h = torch.randn(rows, MLP)
         inputs = [h if w.shape[1] == MLP else x for w in weights]
         runs = {
-            "gemv": partial(_project, gemv, inputs, weights),
+            "gemv": partial(_project, gemv, inputs, [p.rows for p in packed]),
             "onednn": partial(_project, _onednn, inputs, packed),
             "torch": partial(_project, F.linear, inputs, weights),
         }

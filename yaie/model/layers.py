@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yaie.kernels import fused_add_rms_norm, linear, pack_weight, rms_norm
+from yaie.kernels.linear import CpuWeight
 
 
 def _divide(n: int, tp_size: int, what: str) -> int:
@@ -53,7 +54,7 @@ class PackedWeight:
     """Mixin for layers whose ``weight [out, in]`` feeds ``yaie.kernels.linear``."""
 
     weight: nn.Parameter
-    packed: torch.Tensor | None = None
+    packed: CpuWeight | None = None
 
     def pack(self) -> None:
         """Refresh the CPU fast-path copy of ``weight``; call after (re)loading weights."""
