@@ -8,12 +8,14 @@ model from memory. Two CPU paths, chosen by the number of rows:
   features across the CPU's threads and computes each as a plain dot product over one
   contiguous weight row. Nothing but the weight stream touches memory, so it reads at close to
   the machine's read bandwidth. Measured on SmolLM2-135M shapes (2-core AMD EPYC, fp32, the 121
-  projections of one decode step with cold weights, ``yaie bench cpu-kernels``): 1 row
-  18.7 ms (32 GB/s, the read bandwidth of a plain ``sum`` over the same bytes was 27-32 GB/s)
-  against 26.8 ms for oneDNN and 45 ms for MKL's sgemm (``F.linear``).
+  projections of one decode step with cold weights, ``yaie bench cpu-kernels``, 2026-11-25):
+  1 row 18.0 ms (30 GB/s) against 24.8 ms for oneDNN and 44.5 ms for MKL's sgemm
+  (``F.linear``); 2 rows 16.6 against 27.8 ms; 4 rows 21.2 against 22.0 ms (a tie, within the
+  run-to-run noise). Inside the model (one decode, context ~40) the projections took 18.5 ms
+  of a 26.3 ms step with ``gemv`` against 26.5 of 35.5 ms with oneDNN.
 - **More rows: oneDNN** with the weight reordered once into its blocked layout
   (``pack_weight``). From about 8 rows a GEMM reuses each weight many times from registers,
-  which oneDNN's kernels do and a dot-product loop does not (16 rows: 33 ms against 70 ms).
+  which oneDNN's kernels do and a dot-product loop does not (16 rows: 33.5 ms against 62.4 ms).
   Inductor uses the same two ops for frozen CPU linears; they are private but have been stable
   since torch 2.0.
 
