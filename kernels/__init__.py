@@ -4,7 +4,8 @@ The model calls only the dispatch functions re-exported here. Each reference is 
 is also the CPU path; CUDA kernels (numba.cuda) slot in behind the same dispatch functions and are
 tested against the references. Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` /
 ``fused_add_layer_norm`` (GPT-2), ``apply_rotary`` (with ``build_cos_sin_cache``), ``silu_and_mul``,
-``gelu_tanh`` (GPT-2), ``write_kv``, ``paged_attention``, ``copy_blocks``
+``gelu_tanh`` (GPT-2), ``write_kv``, ``rotary_write_kv`` (q/k norm + rotary + ``write_kv`` in one
+kernel, the Llama family's path on CUDA), ``paged_attention``, ``copy_blocks``
 (copy-on-write), and ``linear`` (GEMMs stay on torch; on CPU through oneDNN with weights packed
 by ``pack_weight``).
 ``yaie.kernels.cpu`` holds the one process setting the CPU path needs (``keep_freed_memory``).
@@ -29,6 +30,7 @@ from yaie.kernels.layer_norm import fused_add_layer_norm, layer_norm
 from yaie.kernels.linear import linear, pack_weight
 from yaie.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from yaie.kernels.rotary import apply_rotary, build_cos_sin_cache
+from yaie.kernels.rotary_kv import rotary_write_kv
 
 __all__ = [
     "DecodeGroup",
@@ -44,6 +46,7 @@ __all__ = [
     "pack_weight",
     "paged_attention",
     "rms_norm",
+    "rotary_write_kv",
     "silu_and_mul",
     "write_kv",
 ]

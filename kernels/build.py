@@ -36,6 +36,7 @@ from yaie.kernels._numba import KINDS, array_view, gpu_available, stream_for, wo
 
 _rms_norm = importlib.import_module("yaie.kernels.rms_norm")
 _rotary = importlib.import_module("yaie.kernels.rotary")
+_rotary_kv = importlib.import_module("yaie.kernels.rotary_kv")
 _activation = importlib.import_module("yaie.kernels.activation")
 _kv_cache = importlib.import_module("yaie.kernels.kv_cache")
 _decode = importlib.import_module("yaie.kernels.decode_attention")
@@ -88,6 +89,21 @@ def _run_rotary(dtype: torch.dtype, device: torch.device) -> None:
     cache = _rotary.build_cos_sin_cache(_HEAD_DIM, 16, 10000.0, None, dtype).to(device)
     positions = torch.arange(_TOKENS, device=device)
     _rotary.apply_rotary_numba(positions, q, k, cache)
+
+
+def _run_rotary_write_kv(qk_norm: bool) -> Callable[[torch.dtype, torch.device], None]:
+    def run(dtype: torch.dtype, device: torch.device) -> None:
+        qkv = torch.randn(_TOKENS, _HEADS + 2 * _KV_HEADS, _HEAD_DIM, dtype=dtype, device=device)
+        k_cache, v_cache = torch.zeros(2, 4, 16, _KV_HEADS, _HEAD_DIM, dtype=dtype, device=device)
+        table = _rotary.build_cos_sin_cache(_HEAD_DIM, 16, 10000.0, None, dtype).to(device)
+        weight = torch.ones(_HEAD_DIM, dtype=dtype, device=device)
+        _rotary_kv.rotary_write_kv_numba(
+            torch.arange(_TOKENS, device=device), qkv, _HEADS, _KV_HEADS, table, k_cache,
+            v_cache, torch.tensor([0, -1, 17], device=device),
+            (weight, weight, 1e-6) if qk_norm else None,
+        )
+
+    return run
 
 
 def _run_silu_and_mul(dtype: torch.dtype, device: torch.device) -> None:
@@ -212,6 +228,10 @@ WARMUPS: list[Warmup] = [
         _run_fused_add_rms_norm,
     ),
     Warmup("apply_rotary", _rotary.ROTARY_KERNELS.__getitem__, _run_rotary),
+    Warmup("rotary_write_kv", lambda dtype: _rotary_kv.ROTARY_KV_KERNELS[dtype, False],
+           _run_rotary_write_kv(False)),
+    Warmup("  with q/k norm", lambda dtype: _rotary_kv.ROTARY_KV_KERNELS[dtype, True],
+           _run_rotary_write_kv(True)),
     Warmup("silu_and_mul", _activation.SILU_AND_MUL_KERNELS.__getitem__, _run_silu_and_mul),
     Warmup("write_kv", lambda dtype: _kv_cache.write_kv_kernel, _run_write_kv),
     Warmup("layer_norm", _layer_norm.LAYER_NORM_KERNELS.__getitem__, _run_layer_norm),

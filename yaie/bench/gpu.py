@@ -331,9 +331,10 @@ def _each_yaie(
 
 def latency(
     preset: str, base: EngineArgs, batch: int = 64, prompt_len: int = 128, new_tokens: int = 256,
-    peers: bool = True,
+    peers: bool = True, eager: bool = True,
 ) -> tuple[list[Result], Ceilings]:
-    """Batch 1 and batch ``batch``: TTFT and decode ms/step of each engine and of the floor."""
+    """Batch 1 and batch ``batch``: TTFT and decode ms/step of each engine and of the floor
+    (``eager=False`` leaves out the ``--enforce-eager`` rows, the slowest part of the run)."""
     config, roofline = _setup(preset, base)
     rng = random.Random(base.seed)
     batches = sorted({1, batch})
@@ -351,7 +352,7 @@ def latency(
             rows.append(Result(name, b, *_latency_figures(metrics)))
         return rows
 
-    results = _each_yaie(config, args, True, prompts[1], measure)
+    results = _each_yaie(config, args, eager, prompts[1], measure)
     if peers:
         results += _transformers_latency(config, args, prompts, new_tokens)
     for b in batches:

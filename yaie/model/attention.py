@@ -195,4 +195,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` -> ``[T, Hq, D]``."""
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q, meta)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of ``q [T, Hq, D]`` over a cache that already holds this step's K/V (a
+        fused kernel stored them, see ``yaie.kernels.rotary_write_kv``)."""
         return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
