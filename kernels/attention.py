@@ -195,47 +195,32 @@ def paged_attention_reference(
     return out
 
 
-def paged_attention_cuda(
+def paged_attention_kernels(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: PagedAttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Decodes in the numba decode kernel, prefill chunks per ``PREFILL_BACKEND``."""
+    """Decodes in a numba kernel (``decode_attention`` on CUDA, ``decode_attention_cpu`` on the
+    CPU), then prefill chunks: per ``PREFILL_BACKEND`` on CUDA, torch's SDPA on the CPU."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    paged_decode_attention(
-        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        meta.decode_ids, meta.max_seq_len, scale,
-    )
+    decode_args = (q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens,
+                   meta.query_start_loc, meta.decode_ids)
+    if q.is_cuda:
+        paged_decode_attention(*decode_args, meta.max_seq_len, scale)
+    else:
+        paged_decode_attention_cpu(*decode_args, scale)
     if not meta.prefills:
         return out
-    if PREFILL_BACKEND == "numba" and prefill_supported(q, k_cache, v_cache):
+    if q.is_cuda and PREFILL_BACKEND == "numba" and prefill_supported(q, k_cache, v_cache):
         paged_prefill_attention(
             q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             meta.prefill_ids, meta.max_query_len, scale,
         )
-    else:
+    else:  # the backend list only matters on CUDA; the CPU has flash and math anyway
         with sdpa_kernel(_PREFILL_SDPA_BACKENDS):
             _prefill_into(out, q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta.prefills, scale)
-    return out
-
-
-def paged_attention_cpu(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: PagedAttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """Decodes in the numba CPU kernel (``yaie.kernels.decode_attention_cpu``), prefill chunks
-    on the torch path."""
-    out = torch.empty_like(q)
-    paged_decode_attention_cpu(
-        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        meta.decode_ids, scale,
-    )
-    _prefill_into(out, q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), meta.prefills, scale)
     return out
 
 
@@ -246,11 +231,10 @@ def paged_attention(
     meta: PagedAttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """The model's entry point: ``paged_attention_cuda`` on CUDA tensors the numba decode
-    kernel supports, ``paged_attention_cpu`` for steps with decodes on fp32 CPU tensors, else
-    the torch reference."""
-    if q.is_cuda and decode_supported(q, k_cache, v_cache):
-        return paged_attention_cuda(q, k_cache, v_cache, meta, scale)
-    if meta.decodes and cpu_decode_supported(q, k_cache, v_cache):
-        return paged_attention_cpu(q, k_cache, v_cache, meta, scale)
+    """The model's entry point: ``paged_attention_kernels`` on CUDA tensors the numba decode
+    kernel supports and for steps with decodes on fp32 CPU tensors, else the torch reference."""
+    if (q.is_cuda and decode_supported(q, k_cache, v_cache)) or (
+        meta.decodes and cpu_decode_supported(q, k_cache, v_cache)
+    ):
+        return paged_attention_kernels(q, k_cache, v_cache, meta, scale)
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)

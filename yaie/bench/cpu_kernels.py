@@ -10,7 +10,7 @@ MLP 1536, vocabulary 49,152), fp32, on as many threads as torch uses.
   The machine's read bandwidth, measured in the same run (``sum`` over as many bytes), is the
   ceiling: at one row a projection reads each weight once and does one multiply-add with it.
 - Decode attention: one layer's decodes over paged K/V with shuffled block tables, the numba
-  kernel (``paged_attention_cpu``) against the torch path (gather + SDPA).
+  kernel (``paged_attention_kernels``) against the torch path (gather + SDPA).
 
 Figures are medians of interleaved rounds (every variant once per round), so load that comes
 and goes on a shared machine weighs on all of them alike; compare ratios within one run.
@@ -27,7 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from yaie.kernels.attention import paged_attention_cpu, paged_attention_reference
+from yaie.kernels.attention import paged_attention_kernels, paged_attention_reference
 from yaie.kernels.linear import CpuWeight, gemv, pack_weight
 from yaie.model.attention import AttentionMetadata
 
@@ -133,7 +133,7 @@ def decode_attention(rounds: int) -> list[tuple[str, ...]]:
         q, k_cache, v_cache, meta = _decode_batch(num_seqs, context)
         args = (q, k_cache, v_cache, meta, HEAD_DIM**-0.5)
         runs = {
-            "numba": partial(_layers, paged_attention_cpu, args),
+            "numba": partial(_layers, paged_attention_kernels, args),
             "torch": partial(_layers, paged_attention_reference, args),
         }
         ms = _median_ms(runs, rounds)
