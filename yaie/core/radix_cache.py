@@ -17,7 +17,7 @@ from yaie.core.block_pool import BlockPool
 
 
 class RadixNode:
-    __slots__ = ("parent", "children", "tokens", "blocks", "lock_ref", "last_access", "hits")
+    __slots__ = ("blocks", "children", "hits", "last_access", "lock_ref", "parent", "tokens")
 
     def __init__(self, parent: RadixNode | None, tokens: list[int], blocks: list[int]) -> None:
         self.parent = parent

@@ -96,7 +96,7 @@ class Scheduler:
                 break
             if req.status is not running:  # preempted earlier in this loop
                 continue
-            n = left if left < budget else budget
+            n = min(budget, left)
             # Most steps fit in the blocks a request already has: skip the allocator then.
             if req.num_computed_tokens + n > len(req.block_ids) * bs:
                 while not self.kv.allocate(req, n):
