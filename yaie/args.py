@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
+from yaie.core.engine import EngineConfig
+from yaie.core.scheduler import SchedulerConfig
+
 
 @dataclass(slots=True)
 class EngineArgs:
@@ -51,6 +54,31 @@ class EngineArgs:
         values = {k: v for k, v in vars(ns).items() if k in names}
         values.update(overrides)
         return cls(**values)
+
+
+    def context_limit(self, model_limit: int) -> int:
+        """The longest context (prompt + output) a request may have: ``max_model_len``, never
+        past what the model was trained for (``model_limit``)."""
+        return min(self.max_model_len or model_limit, model_limit)
+
+    def engine_config(
+        self, model_limit: int, num_blocks: int, eos_token_ids: frozenset[int] = frozenset()
+    ) -> EngineConfig:
+        """The engine and scheduler settings these arguments give, for a model whose context is
+        at most ``model_limit`` tokens and a KV pool of ``num_blocks`` blocks."""
+        return EngineConfig(
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_model_len=self.context_limit(model_limit),
+                enable_chunked_prefill=self.enable_chunked_prefill,
+            ),
+            eos_token_ids=eos_token_ids,
+            max_waiting=self.max_waiting,
+        )
 
 
 def parse_size(text: str) -> int:

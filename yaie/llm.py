@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from yaie.args import EngineArgs
-from yaie.core.engine import EngineConfig, LLMEngine, RequestOutput
+from yaie.core.engine import LLMEngine, RequestOutput
 from yaie.core.metrics import RequestMetrics
 from yaie.core.request import FinishReason, Request
 from yaie.core.sampling import SamplingParams
-from yaie.core.scheduler import SchedulerConfig
 from yaie.detokenizer import IncrementalDetokenizer
 from yaie.executor.model_executor import ModelExecutor
 from yaie.hub import resolve_model
@@ -64,22 +63,10 @@ class LLM:
         hf_config = self.executor.hf_config
         mc = self.executor.model_config
         use_chat_template(self.tokenizer, mc.architecture, chat_template)
-        max_len = min(args.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.max_model_len = max_len
+        self.max_model_len = args.context_limit(mc.max_position_embeddings)
         eos = eos_token_ids(self.tokenizer, hf_config, load_generation_config(self.resolved))
-        sched = SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=max_len,
-            enable_chunked_prefill=args.enable_chunked_prefill,
-        )
-        config = EngineConfig(
-            num_blocks=self.executor.plan.num_blocks,
-            block_size=args.block_size,
-            enable_prefix_caching=args.enable_prefix_caching,
-            scheduler=sched,
-            eos_token_ids=frozenset(eos),
-            max_waiting=args.max_waiting,
+        config = args.engine_config(
+            mc.max_position_embeddings, self.executor.plan.num_blocks, frozenset(eos)
         )
         self.engine = LLMEngine(config, self.executor, time.monotonic, self._text_stream)
         self._ids = itertools.count()

@@ -34,11 +34,10 @@ import torch
 from transformers import PretrainedConfig
 
 from yaie.args import EngineArgs
-from yaie.core.engine import EngineConfig, LLMEngine
+from yaie.core.engine import LLMEngine
 from yaie.core.metrics import RequestMetrics
 from yaie.core.request import FinishReason
 from yaie.core.sampling import SamplingParams
-from yaie.core.scheduler import SchedulerConfig
 from yaie.executor.model_executor import ModelExecutor, pick_device, pick_dtype
 from yaie.model.config import ModelConfig
 from yaie.model.presets import preset_config, random_weights
@@ -186,19 +185,8 @@ def build_engine(config: PretrainedConfig, args: EngineArgs) -> LLMEngine:
     device = pick_device(args.device)
     weights = random_weights(config, device, pick_dtype(args.dtype, device), args.seed)
     executor = ModelExecutor.from_weights(config, weights, args)
-    cfg = executor.model_config
-    max_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    scheduler = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=max_len,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-    )
-    engine_config = EngineConfig(
-        num_blocks=executor.plan.num_blocks,
-        block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching,
-        scheduler=scheduler,
+    engine_config = args.engine_config(
+        executor.model_config.max_position_embeddings, executor.plan.num_blocks
     )
     return LLMEngine(engine_config, executor, time.monotonic)
 
