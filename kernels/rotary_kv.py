@@ -8,8 +8,10 @@ per kernel on a few KB, and a Qwen3-0.6B decode step had 112 such launches. Fuse
 v value is read once from the QKV projection's output and written once: q back in place, k and v
 into the cache (``k`` itself is not written back: attention reads keys from the cache).
 
-The torch reference, also the CPU path, is the unfused ops' references one after the other:
-``rms_norm`` per head, ``apply_rotary`` (NeoX pairing, the Llama family's), ``write_kv``. The
+The torch reference is the unfused ops' references one after the other: ``rms_norm`` per head,
+``apply_rotary`` (NeoX pairing, the Llama family's), ``write_kv``. Where the kernel does not
+apply (the CPU, unsupported shapes), ``rotary_write_kv`` runs the unfused ops' own dispatch
+functions in the same order, so each still takes its numba kernel where it has one. The
 kernel rounds the normalised values to the activation dtype before rotating them, as the
 unfused ops do when they store between the two, so both compute the same function.
 """
@@ -17,6 +19,7 @@ unfused ops do when they store between the two, so both compute the same functio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,12 +41,35 @@ from yaie.kernels._numba import (
     words_fit,
     xor_shuffle,
 )
-from yaie.kernels.kv_cache import write_kv_reference
-from yaie.kernels.rms_norm import rms_norm_reference
-from yaie.kernels.rotary import apply_rotary_reference
+from yaie.kernels.kv_cache import write_kv, write_kv_reference
+from yaie.kernels.rms_norm import rms_norm, rms_norm_reference
+from yaie.kernels.rotary import apply_rotary, apply_rotary_reference
 
 QKNorm = tuple[torch.Tensor, torch.Tensor, float]
 """Qwen3's q/k norms: ``(q weight [D], k weight [D], eps)``."""
+
+
+def _unfused(
+    ops: tuple[Callable, Callable, Callable],
+    positions: torch.Tensor,
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    qk_norm: QKNorm | None = None,
+) -> torch.Tensor:
+    """The fused op as its steps, each by ``ops = (rms_norm, apply_rotary, write_kv)``."""
+    norm, rotate, write = ops
+    q, k, v = qkv.split((num_heads, num_kv_heads, num_kv_heads), dim=1)
+    if qk_norm is not None:
+        q_weight, k_weight, eps = qk_norm
+        q, k = norm(q, q_weight, eps), norm(k, k_weight, eps)
+    rotate(positions, q, k, cos_sin_cache)
+    write(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def rotary_write_kv_reference(
@@ -62,13 +88,10 @@ def rotary_write_kv_reference(
 
     ``qkv [T, Hq + 2 Hkv, D]`` is the QKV projection's output, heads in that order.
     """
-    q, k, v = qkv.split((num_heads, num_kv_heads, num_kv_heads), dim=1)
-    if qk_norm is not None:
-        q_weight, k_weight, eps = qk_norm
-        q, k = rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps)
-    apply_rotary_reference(positions, q, k, cos_sin_cache)
-    write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
-    return q
+    return _unfused(
+        (rms_norm_reference, apply_rotary_reference, write_kv_reference), positions, qkv,
+        num_heads, num_kv_heads, cos_sin_cache, k_cache, v_cache, slot_mapping, qk_norm,
+    )
 
 
 # --- numba.cuda kernel ----------------------------------------------------------------------------
@@ -326,7 +349,8 @@ def rotary_write_kv(
     slot_mapping: torch.Tensor,
     qk_norm: QKNorm | None = None,
 ) -> torch.Tensor:
-    """The model's entry point: the numba kernel on CUDA tensors it supports, else the reference.
+    """The model's entry point: the fused numba kernel on CUDA tensors it supports, else the
+    unfused ops through their own dispatch functions.
 
     Returns the queries ready for attention; keys and values are in the cache.
     """
@@ -334,4 +358,4 @@ def rotary_write_kv(
             slot_mapping, qk_norm)
     if qkv.is_cuda and numba_supports(*args):
         return rotary_write_kv_numba(*args)
-    return rotary_write_kv_reference(*args)
+    return _unfused((rms_norm, apply_rotary, write_kv), *args)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from yaie.kernels import apply_rotary, build_cos_sin_cache, rotary_write_kv, silu_and_mul
+from yaie.kernels import build_cos_sin_cache, rotary_write_kv, silu_and_mul
 from yaie.model.attention import Attention, AttentionMetadata
 from yaie.model.causal_lm import CausalLM, ParamSlice
 from yaie.model.config import ModelConfig
@@ -67,20 +67,11 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
-        if qkv.is_cuda:  # one kernel from the projection to the cache, not two to four
-            norms = None
-            if self.qk_norm:
-                norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-            attn = self.attn
-            q = rotary_write_kv(positions, qkv, self.num_heads, self.num_kv_heads, cos_sin_cache,
-                                attn.k_cache, attn.v_cache, meta.slot_mapping, norms)
-            out = attn.attend(q, meta)
-        else:
-            q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            apply_rotary(positions, q, k, cos_sin_cache)
-            out = self.attn(q, k, v, meta)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+        attn = self.attn
+        q = rotary_write_kv(positions, qkv, self.num_heads, self.num_kv_heads, cos_sin_cache,
+                            attn.k_cache, attn.v_cache, meta.slot_mapping, norms)
+        out = attn.attend(q, meta)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
