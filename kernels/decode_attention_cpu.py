@@ -40,12 +40,13 @@ def _decode_kernel(
     out: np.ndarray,
     block_tables: np.ndarray,
     seq_lens: np.ndarray,
-    rows: np.ndarray,
+    query_start_loc: np.ndarray,
     seq_ids: np.ndarray,
     scale: float,
 ) -> None:
-    """``out[rows[i], h] = softmax(q[rows[i], h] . K^T * scale) V`` over request
-    ``seq_ids[i]``'s context, for every decode ``i`` and query head ``h``.
+    """``out[row, h] = softmax(q[row, h] . K^T * scale) V`` over request ``s``'s context, for
+    every decode ``s`` in ``seq_ids`` (its one query at ``row = query_start_loc[s]``) and query
+    head ``h``.
 
     One task per (decode, KV head) handles the ``group`` query heads that share that KV head,
     so each K and V row is read once for all of them (grouped-query attention).
@@ -55,7 +56,8 @@ def _decode_kernel(
     group = num_heads // num_kv_heads
     for task in numba.prange(seq_ids.shape[0] * num_kv_heads):
         i, kv_head = task // num_kv_heads, task % num_kv_heads
-        seq, row, first_head = seq_ids[i], rows[i], kv_head * group
+        seq, first_head = seq_ids[i], kv_head * group
+        row = query_start_loc[seq]
         length = seq_lens[seq]
         queries = q[row, first_head : first_head + group]
         scores = np.empty((group, length), dtype=np.float32)
@@ -115,7 +117,6 @@ def paged_decode_attention_cpu(
     """
     if seq_ids.shape[0] == 0:
         return
-    rows = query_start_loc.index_select(0, seq_ids)
     run_parallel(
         _decode_kernel,
         q.contiguous().numpy(),
@@ -124,7 +125,7 @@ def paged_decode_attention_cpu(
         out.numpy(),
         block_tables.numpy(),
         seq_lens.numpy(),
-        rows.numpy(),
+        query_start_loc.numpy(),
         seq_ids.numpy(),
         scale,
     )
