@@ -1,8 +1,8 @@
 """YAIE's compute ops: one module per op, each with a torch reference and one dispatch function.
 
 The model calls only the dispatch functions re-exported here. Each reference is plain torch and
-is also the CPU path (but for the two CPU kernels below); CUDA kernels (numba.cuda) slot in behind the same dispatch functions and are
-tested against the references. Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` /
+is also the CPU path (but for the two CPU kernels below); CUDA kernels (numba.cuda) slot in
+behind the same dispatch functions and are tested against the references. Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` /
 ``fused_add_layer_norm`` (GPT-2), ``apply_rotary`` (with ``build_cos_sin_cache``), ``silu_and_mul``,
 ``gelu_tanh`` (GPT-2), ``write_kv``, ``rotary_write_kv`` (q/k norm + rotary + ``write_kv`` in one
 kernel, the Llama family's path on CUDA), ``paged_attention``, ``copy_blocks``
