@@ -29,10 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from yaie.kernels._numba import KINDS, array_view, gpu_available, stream_for, words
+from yaie.kernels._numba import KINDS, gpu_available
 
 _rms_norm = importlib.import_module("yaie.kernels.rms_norm")
 _rotary = importlib.import_module("yaie.kernels.rotary")
@@ -152,21 +151,11 @@ class _PagedBatch:
         self.query_start_loc = torch.tensor([0, 1, 2, 7], **ints)
         self.scale = head_dim**-0.5
 
-    def decode(self, part_tokens: int | None) -> None:
+    def decode(self, parts: int | None) -> None:
         ids = torch.tensor([0, 1], dtype=torch.int32, device=self.q.device)
         _decode.paged_decode_attention(
             self.q, self.k_cache, self.v_cache, self.out, self.block_tables, self.seq_lens,
-            self.query_start_loc, ids, 40, self.scale, part_tokens,
-        )
-
-    def reduce(self) -> None:
-        """The split-KV reduction alone, on made-up partition results (two partitions)."""
-        ids = torch.tensor([0, 1], dtype=torch.int32, device=self.q.device)
-        parts = torch.randn(2, self.q.shape[1], 2, self.q.shape[2], device=self.q.device)
-        lse = torch.randn(2, self.q.shape[1], 2, device=self.q.device)
-        _decode.REDUCE_KERNELS[KINDS[self.q.dtype]][(self.q.shape[1], 2), 32, stream_for(self.q)](
-            words(self.out), array_view(parts), array_view(lse), array_view(self.seq_lens),
-            array_view(self.query_start_loc), array_view(ids), np.int32(32),
+            self.query_start_loc, ids, 40, self.scale, parts, min_part_tokens=16,
         )
 
     def prefill(self) -> None:
@@ -178,7 +167,8 @@ class _PagedBatch:
 
 
 def attention_warmups(shape: tuple[int, int, int]) -> list[Warmup]:
-    """Decode (whole context, and split-KV with its reduction) and prefill for one shape."""
+    """Decode (whole context, and split-KV with its in-kernel merge) and prefill for one
+    shape."""
     heads, kv_heads, head_dim = shape
     group, label = heads // kv_heads, f"{heads}/{kv_heads}x{head_dim}"
 
@@ -190,10 +180,8 @@ def attention_warmups(shape: tuple[int, int, int]) -> list[Warmup]:
     return [
         Warmup(f"paged decode {label}", decode(False),
                lambda dtype, device: _PagedBatch(shape, dtype, device).decode(None)),
-        Warmup("  split-KV reduce", lambda dtype: _decode.REDUCE_KERNELS[KINDS[dtype]],
-               lambda dtype, device: _PagedBatch(shape, dtype, device).reduce()),
         Warmup(f"  split-KV {label}", decode(True),
-               lambda dtype, device: _PagedBatch(shape, dtype, device).decode(16)),
+               lambda dtype, device: _PagedBatch(shape, dtype, device).decode(3)),
         Warmup(f"paged prefill {label}",
                lambda dtype: _prefill.prefill_kernel(KINDS[dtype], group, head_dim, _BLOCK_SIZE),
                lambda dtype, device: _PagedBatch(shape, dtype, device).prefill()),

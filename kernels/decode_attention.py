@@ -41,13 +41,25 @@ the state of their union. At the end the token groups write their states to shar
 the block's threads, each owning output words of the G heads, merge them: ``out = acc / l``.
 
 **Split-KV ("flash-decoding").** A batch of few requests has too few ``(request, kv_head)``
-pairs to occupy every multiprocessor, and one block walking a 32k-token context alone would
-leave the GPU mostly idle. The context is then cut into partitions of ``part_tokens`` tokens,
-each a block of its own. A partition stores its normalised output ``o_p = acc_p / l_p`` and its
-log-sum-exp ``lse_p = m_p + log2(l_p)`` (fp32). Since ``2^lse_p o_p = sum_{t in p} 2^s_t v_t``,
-the reduction kernel's ``LSE = log2 sum_p 2^lse_p`` gives the exact full-context result
-``out = sum_p 2^(lse_p - LSE) o_p``, computed with ``max_p lse_p`` subtracted for range.
-Partitions past a request's length exit at once and the reduction never reads them.
+pairs to occupy every multiprocessor, and one block walking a long context alone would leave
+the GPU mostly idle and take as many loop iterations as the context has runs. The launch then
+gives each pair ``P`` blocks (the grid's third dimension, ``plan_partitions``) and each block
+takes one partition of the request's *actual* context: ``ceil(len / P)`` tokens rounded up to
+whole runs of ``CHUNK`` (so no run straddles a cache block), and at least ``min_part`` tokens
+(``MIN_PARTITION_ITERATIONS`` loop iterations' worth unless told otherwise). The length comes from ``seq_lens`` inside
+the kernel, so a CUDA graph captured for the longest context still splits a short one evenly;
+blocks whose partition starts past the end exit at once, and a context that fits one partition
+is written directly, as without a split.
+
+A partition stores its normalised output ``o_p = acc_p / l_p`` and its log-sum-exp
+``lse_p = m_p + log2(l_p)`` (fp32). Since ``2^lse_p o_p = sum_{t in p} 2^s_t v_t``,
+``LSE = log2 sum_p 2^lse_p`` gives the exact full-context result
+``out = sum_p 2^(lse_p - LSE) o_p``, computed with ``max_p lse_p`` subtracted for range. The
+merge runs in the same launch, in whichever of the pair's blocks finishes last: each block
+publishes its partition (a memory fence, then an atomic increment of the pair's arrival counter)
+and the block that sees the count reach the number of partitions resets the counter and merges.
+A second kernel for the merge would cost a launch (about 3 us inside a CUDA graph) per layer,
+more than the merge itself at batch 1.
 
 ``yaie.bench.attention_kernels`` measures the kernel against the copy bandwidth and torch SDPA.
 """
@@ -86,18 +98,29 @@ leave a second wave one third full."""
 CHUNK = 4
 """Tokens a token group loads per iteration before using any of them."""
 
-MIN_PARTITION = 256
-"""Fewest context tokens worth a partition of their own (below this the merge costs more)."""
+MAX_PARTITIONS = 16
+"""Most partitions per ``(request, KV head)``: the merging block reads every partition's output
+for each of its output values, so its time grows with the count."""
+
+MIN_PARTITION_ITERATIONS = 4
+"""Loop iterations' worth of tokens a partition gets at least (unless told otherwise): below
+this, a short context is cut into so many slivers that their merge costs more than it saves.
+Measured on an H100 at batch 1 (Llama-3-8B heads), before the merge loaded several partitions
+at a time: 256 tokens as 11 one-iteration partitions took 17.5 us, unsplit 13.4 us. With this
+minimum (and that merge): 256 tokens in 3 partitions 14.4 us (unsplit 13.3), 1,024 in 11
+partitions 17.2 us (34.8), 4,096 in 16 partitions 26.2 us (120.3)."""
+
+MAX_GROUP = 32
+"""Most query heads per KV head (the merge keeps a weight per head and partition in shared
+memory)."""
 
 BLOCKS_PER_SM = 4
-"""Decode blocks resident per multiprocessor (see ``WARPS``)."""
+"""Decode blocks resident per multiprocessor (see ``WARPS``). The kernel is compiled with it as
+its launch bound, which caps its registers at 65536 / (4 x 96) = 170 a thread. Without the
+bound, 4 requests x 32k tokens (512 blocks) took 222.7 us on an H100, with it 199.4 us: above
+170 registers only three blocks fit a multiprocessor, and 512 blocks need two waves."""
 
-BLOCK_OVERHEAD_TOKENS = 64
-"""A block's fixed cost (loading q, filling the pipeline, merging its token groups, the split
-reduction) in context tokens' worth of streaming, for ``plan_partitions``' cost model."""
-
-
-_REDUCE_THREADS = 128
+_OPTIONS = {} if SIMULATOR else {"launch_bounds": (WARPS * 32, BLOCKS_PER_SM)}
 
 
 # --- sums across a token group's lanes ----------------------------------------------------
@@ -184,32 +207,18 @@ def plan_partitions(
     num_decodes: int, num_kv_heads: int, max_seq_len: int, kind: int, head_dim: int,
     device: torch.device,
 ) -> int:
-    """Tokens per partition for a decode batch (``>= max_seq_len``: no split).
+    """Partitions per ``(request, KV head)`` for a decode batch (1: no split).
 
-    Blocks stream K/V at about the same rate, so a launch takes about as many rounds of
-    partition-length streaming as it has *waves*: ``ceil(blocks / slots)`` with
-    ``slots = BLOCKS_PER_SM x multiprocessors`` resident blocks. The plan picks the partition
-    count ``p`` minimising ``waves(p) x (tokens per partition + BLOCK_OVERHEAD_TOKENS)`` among
-    no split and the largest ``p`` that fits each of one to four waves: a batch of few
-    requests is cut so that its blocks fill the GPU, while one that fills it already (64
-    requests x 8 KV heads) is not split, since a partial wave would leave it waiting.
-    Partitions hold at least ``MIN_PARTITION`` tokens and a whole number of loop iterations.
+    Enough to fill one wave of resident blocks (``BLOCKS_PER_SM`` a multiprocessor): a batch
+    of 64 requests x 8 KV heads fills an H100 by itself and is not split, one request is cut
+    into up to ``MAX_PARTITIONS`` pieces. Never more partitions than ``max_seq_len`` has
+    partitions of ``MIN_PARTITION_ITERATIONS`` loop iterations.
     """
     pairs = max(1, num_decodes * num_kv_heads)
     slots = BLOCKS_PER_SM * _num_sms(device)
-    step = tokens_per_iteration(kind, head_dim)
-    most = max(1, max_seq_len // MIN_PARTITION)
-    best = max(1, max_seq_len)
-    best_cost = _ceil_div(pairs, slots) * (best + BLOCK_OVERHEAD_TOKENS)
-    for waves in range(1, 5):
-        parts = min(most, waves * slots // pairs)
-        if parts <= 1:
-            continue
-        per_part = _ceil_div(_ceil_div(max_seq_len, parts), step) * step
-        cost = _ceil_div(pairs * parts, slots) * (per_part + BLOCK_OVERHEAD_TOKENS)
-        if cost < best_cost:
-            best, best_cost = per_part, cost
-    return best
+    fill = slots // pairs
+    most = _ceil_div(max_seq_len, MIN_PARTITION_ITERATIONS * tokens_per_iteration(kind, head_dim))
+    return max(1, min(fill, MAX_PARTITIONS, most))
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -231,13 +240,83 @@ def _load_run(kw, vw, k_cache, v_cache, run, stride, lanes):
             vw[c, j] = np.uint64(v_cache[at])
 
 
+_UNROLL = 4
+"""Partitions whose values a merging thread loads before using any (loads in flight)."""
+
+
+@cuda.jit(device=True)
+def _merge_if_last(out, part_out, part_lse, arrivals, row, i, kv_head, parts, group, row_words,
+                   vec, kind):
+    """Called by every block of a split pair after it wrote its partition: the last of the
+    ``parts`` blocks to arrive combines them into ``out[row]`` for the pair's ``group`` heads.
+
+    The fence makes this block's partition visible device-wide before its arrival is counted,
+    so the block that counts last reads every partition complete. That block also puts the
+    counter back to zero for the next launch (or graph replay). It then turns the partitions'
+    ``lse_p`` into weights ``2^(lse_p - LSE)`` in shared memory (one load per thread, then one
+    thread per head), and thread ``t`` owns output words ``t, t + blockDim, ...``, loading the
+    ``o_p`` values of ``_UNROLL`` partitions at a time, so that many loads are in flight
+    instead of one round trip to L2 per partition.
+    """
+    last = cuda.shared.array(1, np.int32)
+    weights = cuda.shared.array((MAX_GROUP, MAX_PARTITIONS), np.float32)
+    tid = cuda.threadIdx.x
+    cuda.threadfence()
+    cuda.syncthreads()
+    if tid == 0:
+        counter = i * cuda.gridDim.x + kv_head
+        arrived = cuda.atomic.add(arrivals, counter, 1) + 1
+        last[0] = 1 if arrived == parts else 0
+        if arrived == parts:
+            arrivals[counter] = 0
+    cuda.syncthreads()
+    if last[0] == 0:
+        return
+    cuda.threadfence()
+    first_head = kv_head * group
+    for t in range(tid, group * parts, cuda.blockDim.x):
+        weights[t // parts, t % parts] = part_lse[i, first_head + t // parts, t % parts]
+    cuda.syncthreads()
+    for g in range(tid, group, cuda.blockDim.x):
+        top = NEG_SCORE
+        for p in range(parts):
+            top = max(top, weights[g, p])
+        total = np.float32(0.0)
+        for p in range(parts):
+            weights[g, p] = math.exp2(weights[g, p] - top)
+            total += weights[g, p]
+        for p in range(parts):
+            weights[g, p] /= total
+    cuda.syncthreads()
+    vals = cuda.local.array((_UNROLL, 4), np.float32)
+    for item in range(tid, group * row_words, cuda.blockDim.x):
+        g = item // row_words
+        w = item % row_words
+        acc = cuda.local.array(4, np.float32)
+        for e in range(vec):
+            acc[e] = np.float32(0.0)
+        for p0 in range(0, parts, _UNROLL):
+            for u in range(_UNROLL):  # clamped, not guarded: the loads issue together
+                p = min(p0 + u, parts - 1)
+                for e in range(vec):
+                    vals[u, e] = part_out[i, first_head + g, p, w * vec + e]
+            for u in range(_UNROLL):
+                if p0 + u < parts:
+                    for e in range(vec):
+                        acc[e] += weights[g, p0 + u] * vals[u, e]
+        word = np.uint64(0)
+        for e in range(vec):
+            word |= pack(acc[e], e, kind)
+        out[row, first_head + g, w] = word
+
+
 @functools.cache
 def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: bool):
     """The decode kernel for one storage kind, GQA group size, head dim and block size.
 
     These are compile-time constants (closure cells, folded by numba): they size the per-lane
-    register arrays and unroll every inner loop. ``split`` chooses the epilogue: write the
-    final output, or this partition's ``(o_p, lse_p)``. ``fastmath`` makes ``exp2`` the bare
+    register arrays and unroll every inner loop. ``split`` compiles in the split-KV path:
+    partitions sized from the context, and the merge by the pair's last block. ``fastmath`` makes ``exp2`` the bare
     ``ex2.approx.ftz`` instruction (2 ulp; denormal weights flush to 0, which softmax never
     misses) instead of a four-instruction range-checked sequence.
     """
@@ -251,21 +330,29 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
     row_words = head_dim // vec
     threads = WARPS * 32
 
-    @cuda.jit(cache=True, fastmath=True)
+    @cuda.jit(cache=True, fastmath=True, **_OPTIONS)
     def paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seq_ids,
-                     kv_stride, scale_log2, part_tokens, part_out, part_lse):
+                     kv_stride, scale_log2, min_part, part_out, part_lse, arrivals):
         """out/q: words ``[T, Hq, W]``; caches: flat words (row ``slot * Hkv + kv_head``,
-        ``kv_stride = Hkv * W`` words a slot); part_out ``[n, Hq, P, D]`` and part_lse
-        ``[n, Hq, P]`` fp32 (split only)."""
+        ``kv_stride = Hkv * W`` words a slot). Split only: ``min_part`` tokens at least a
+        partition, part_out ``[n, Hq, P, D]`` and part_lse ``[n, Hq, P]`` fp32, ``arrivals``
+        int32 counters, one per ``(request, kv_head)``, zero between launches."""
         kv_head = cuda.blockIdx.x
         i = cuda.blockIdx.y
         part = cuda.blockIdx.z
         seq = seq_ids[i]
         seq_len = seq_lens[seq]
-        begin = part * part_tokens
+        per_part = seq_len
+        parts = 1
+        if split:  # from this request's length: whole runs, at least min_part tokens
+            n_parts = cuda.gridDim.z
+            share = (seq_len + n_parts - 1) // n_parts
+            per_part = max(min_part, (share + chunk - 1) // chunk * chunk)
+            parts = (seq_len + per_part - 1) // per_part
+        begin = part * per_part
         if begin >= seq_len:
             return
-        end = min(seq_len, begin + part_tokens)
+        end = min(seq_len, begin + per_part)
         row = query_start_loc[seq]
         tid = cuda.threadIdx.x
         warp = tid // 32
@@ -383,6 +470,7 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
         for item in range(tid, group * row_words, threads):
             g = item // row_words
             w = item % row_words
+            head = kv_head * group + g
             top = NEG_SCORE
             for k in range(n_groups):
                 top = max(top, sm_ml[k, g, 0])
@@ -396,72 +484,20 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
                 for k in range(n_groups):
                     o += sm_acc[k, g, d] * math.exp2(sm_ml[k, g, 0] - top)
                 o = o / total
-                if split:
-                    part_out[i, kv_head * group + g, part, d] = o
+                if parts > 1:
+                    part_out[i, head, part, d] = o
                 else:
                     word |= pack(o, e, kind)
-            if split:
+            if parts > 1:
                 if w == 0:
-                    part_lse[i, kv_head * group + g, part] = top + math.log2(total)
+                    part_lse[i, head, part] = top + math.log2(total)
             else:
-                out[row, kv_head * group + g, w] = word
+                out[row, head, w] = word
+        if split and parts > 1:
+            _merge_if_last(out, part_out, part_lse, arrivals, row, i, kv_head, parts, group,
+                           row_words, vec, kind)
 
     return paged_decode
-
-
-@cuda.jit(device=True)
-def _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
-                       part_tokens, kind):
-    """Block ``(h, i)`` combines decode ``i``'s partitions for query head ``h``.
-
-    Every thread reads the (few) ``lse_p`` to form the weights ``2^(lse_p - max)``; thread
-    ``t`` then owns output words ``t, t + blockDim, ...``, reading the partitions' ``o_p``
-    values for its dims (consecutive threads, consecutive addresses).
-    """
-    h = cuda.blockIdx.x
-    i = cuda.blockIdx.y
-    seq = seq_ids[i]
-    n_parts = (seq_lens[seq] + part_tokens - 1) // part_tokens
-    row = query_start_loc[seq]
-    vec = 2 if kind == F32 else 4
-    top = NEG_SCORE
-    for p in range(n_parts):
-        top = max(top, part_lse[i, h, p])
-    total = np.float32(0.0)
-    for p in range(n_parts):
-        total += math.exp2(part_lse[i, h, p] - top)
-    for w in range(cuda.threadIdx.x, out.shape[2], cuda.blockDim.x):
-        word = np.uint64(0)
-        for e in range(vec):
-            o = np.float32(0.0)
-            for p in range(n_parts):
-                o += math.exp2(part_lse[i, h, p] - top) * part_out[i, h, p, w * vec + e]
-            word |= pack(o / total, e, kind)
-        out[row, h, w] = word
-
-
-@cuda.jit(cache=True)
-def reduce_partitions_f32(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
-                          part_tokens):
-    _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
-                       part_tokens, 0)
-
-
-@cuda.jit(cache=True)
-def reduce_partitions_bf16(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
-                           part_tokens):
-    _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
-                       part_tokens, 1)
-
-
-@cuda.jit(cache=True)
-def reduce_partitions_f16(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
-                          part_tokens):
-    _reduce_partitions(out, part_out, part_lse, seq_lens, query_start_loc, seq_ids,
-                       part_tokens, 2)
-
-
-REDUCE_KERNELS = {0: reduce_partitions_f32, 1: reduce_partitions_bf16, 2: reduce_partitions_f16}
 
 
 # --- launch -----------------------------------------------------------------------------------
@@ -476,6 +512,7 @@ def decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         and k_cache.dtype == q.dtype == v_cache.dtype
         and k_cache.shape == v_cache.shape
         and q.shape[1] % k_cache.shape[2] == 0
+        and q.shape[1] // k_cache.shape[2] <= MAX_GROUP
         and lane_layout(kind, q.shape[2]) is not None
         and _merge_bytes(kind, q.shape[1] // k_cache.shape[2], q.shape[2]) <= 48 * 1024
         and k_cache.shape[1] % CHUNK == 0
@@ -483,6 +520,21 @@ def decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         and v_cache.is_contiguous()
         and words_fit(q)
     )
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters for the split merge, kept per device: the merging block leaves
+    each counter at zero again, so one buffer serves every launch. It is made (or grown) on
+    the first launches, the eager warm-up before any CUDA graph capture, never inside one.
+    Launches share it, so they must be ordered: the engine runs them on one stream."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = counters
+    return counters
 
 
 def paged_decode_attention(
@@ -496,16 +548,19 @@ def paged_decode_attention(
     seq_ids: torch.Tensor,
     max_seq_len: int,
     scale: float,
-    part_tokens: int | None = None,
+    parts: int | None = None,
+    min_part_tokens: int | None = None,
 ) -> None:
     """Write ``out[query_start_loc[s]]`` for every decode request ``s`` in ``seq_ids``.
 
     ``q, out [T, Hq, D]`` (``out`` contiguous), caches ``[num_blocks, block_size, Hkv, D]``,
     ``block_tables [num_seqs, max_blocks]``, ``seq_lens``, ``query_start_loc``, ``seq_ids``:
-    int32 on ``q``'s device. ``max_seq_len`` bounds every decode's context.
-    ``part_tokens`` fixes the split-KV partition size (``None``: ``plan_partitions``; a value
-    ``>= max_seq_len``: one partition, no reduction; rounded up to a multiple of ``CHUNK``);
-    fix it when capturing a CUDA graph, so the grid does not depend on the step.
+    int32 on ``q``'s device. ``max_seq_len`` bounds every decode's context. ``parts``: the
+    split-KV partitions per ``(request, KV head)`` (``None``: ``plan_partitions``; 1: no split;
+    at most ``MAX_PARTITIONS``);
+    the grid depends on it and the batch size alone, so a CUDA graph can capture the launch.
+    ``min_part_tokens`` (default: ``MIN_PARTITION_ITERATIONS`` loop iterations' tokens; rounded
+    up to a multiple of ``CHUNK``) is the shortest partition worth a block of its own.
     """
     num_decodes = seq_ids.shape[0]
     if num_decodes == 0 or max_seq_len == 0:
@@ -513,32 +568,25 @@ def paged_decode_attention(
     kind = KINDS[q.dtype]
     num_kv_heads, block_size, head_dim = k_cache.shape[2], k_cache.shape[1], q.shape[2]
     group = q.shape[1] // num_kv_heads
-    if part_tokens is None:
-        part_tokens = plan_partitions(
-            num_decodes, num_kv_heads, max_seq_len, kind, head_dim, q.device
-        )
-    part_tokens = -(-part_tokens // CHUNK) * CHUNK
-    parts = -(-max_seq_len // part_tokens)
+    if parts is None:
+        parts = plan_partitions(num_decodes, num_kv_heads, max_seq_len, kind, head_dim, q.device)
+    parts = min(parts, MAX_PARTITIONS)
+    min_part = min_part_tokens or MIN_PARTITION_ITERATIONS * tokens_per_iteration(kind, head_dim)
+    min_part = _ceil_div(min_part, CHUNK) * CHUNK
     split = parts > 1
     stream = stream_for(q)
     scale_log2 = np.float32(scale * math.log2(math.e))
-    if split:
-        part_out = torch.empty(num_decodes, q.shape[1], parts, head_dim, dtype=torch.float32,
-                               device=q.device)
-        part_lse = torch.empty(num_decodes, q.shape[1], parts, dtype=torch.float32,
-                               device=q.device)
-    else:  # unused by the single-partition kernel, which still needs arrays of the right rank
-        part_out = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
+    rank4, rank3 = (num_decodes, q.shape[1], parts, head_dim), (num_decodes, q.shape[1], parts)
+    if not split:  # unused by the unsplit kernel, which still needs arrays of the right rank
+        rank4, rank3 = (1, 1, 1, 1), (1, 1, 1)
+    part_out = torch.empty(rank4, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(rank3, dtype=torch.float32, device=q.device)
+    arrivals = _arrival_counters(q.device, num_decodes * num_kv_heads if split else 1)
     ints = [array_view(t) for t in (block_tables, seq_lens, query_start_loc, seq_ids)]
     kernel = decode_kernel(kind, group, head_dim, block_size, split)
     kv_stride = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size() // 8
     kernel[(num_kv_heads, num_decodes, parts), WARPS * 32, stream](
         words(out), words(q), words(k_cache.view(-1)), words(v_cache.view(-1)), *ints,
-        np.int64(kv_stride), scale_log2, np.int32(part_tokens), array_view(part_out),
-        array_view(part_lse),
+        np.int64(kv_stride), scale_log2, np.int32(min_part), array_view(part_out),
+        array_view(part_lse), array_view(arrivals),
     )
-    if split:
-        REDUCE_KERNELS[kind][(q.shape[1], num_decodes), _REDUCE_THREADS, stream](
-            words(out), array_view(part_out), array_view(part_lse), *ints[1:], np.int32(part_tokens)
-        )

@@ -13,10 +13,10 @@ bf16, blocks of 16 tokens), each beside its torch equivalent in the same run.
 - Block copy: bytes read + written over time.
 
 Timing: per iteration the GPU first sleeps ~5 ms on the stream while the host enqueues the
-work between two CUDA events, so the events bracket GPU time, not host launch time. A split
-decode is two numba launches of a dozen array arguments each; with a 1 ms sleep, one of two
-runs on an H100 read every 4 x 32k split decode ~200 us slower while all single-launch rows
-agreed, the mark of host time leaking in, hence the longer sleep. Medians over ``iters``
+work between two CUDA events, so the events bracket GPU time, not host launch time. When a
+split decode was two numba launches (its merge is now inside the kernel), a 1 ms sleep let one
+of two runs on an H100 read every 4 x 32k split decode ~200 us slower while all single-launch
+rows agreed, the mark of host time leaking in, hence the longer sleep. Medians over ``iters``
 iterations after warm-up. Working sets are far beyond L2 (the decode caches are
 1 GB and 0.5 GB). ``python -m yaie.bench.attention_kernels`` prints the table standalone;
 ``bench_rows`` gives the rows to ``yaie bench kernels``.
@@ -103,11 +103,11 @@ class _PagedBatch:
         v = self.v_cache[table].flatten(0, 1)[:seg_len].transpose(0, 1).contiguous()
         return k, v
 
-    def decode(self, part_tokens: int | None) -> None:
+    def decode(self, parts: int | None) -> None:
         m = self.meta
         _decode.paged_decode_attention(
             self.q, self.k_cache, self.v_cache, self.out, m.block_tables, m.seq_lens,
-            m.query_start_loc, m.decode_ids, m.max_seq_len, self.scale, part_tokens,
+            m.query_start_loc, m.decode_ids, m.max_seq_len, self.scale, parts,
         )
 
     def prefill(self) -> None:
@@ -134,12 +134,10 @@ def _decode_rows(batch: int, context: int, copy_gbps: float, iters: int,
     auto = _decode.plan_partitions(batch, KV_HEADS, context, BF16, HEAD_DIM,
                                    torch.device("cuda"))
     rows = []
-    auto_parts = -(-context // auto)
-    for part in [auto] + [p for p in fixed if -(-context // p) != auto_parts]:
-        us = _median_us(lambda part=part: paged.decode(part), iters)
-        parts = -(-context // part)
-        label = "auto, " if part == auto else ""
-        plan = f"{parts} partitions of {part}" if parts > 1 else "no split"
+    for parts in [auto] + [p for p in fixed if p != auto]:
+        us = _median_us(lambda parts=parts: paged.decode(parts), iters)
+        label = "auto, " if parts == auto else ""
+        plan = f"{parts} partitions of {-(-context // parts)}" if parts > 1 else "no split"
         gbps = kv_bytes / us / 1e3
         rows.append(AttentionRow(
             f"paged decode ({label}{plan})",
@@ -226,10 +224,12 @@ def _copy_rows(copy_gbps: float, iters: int) -> list[AttentionRow]:
 
 def bench_rows(copy_gbps: float, iters: int = 30) -> list[AttentionRow]:
     """Every attention benchmark row; ``copy_gbps`` is the copy bandwidth measured in this run."""
-    rows = _decode_rows(64, 4096, copy_gbps, iters, fixed=[2048, 1024])
+    rows = _decode_rows(64, 4096, copy_gbps, iters, fixed=[2, 4])
     torch.cuda.empty_cache()
-    rows += _decode_rows(4, 32768, copy_gbps, iters, fixed=[1 << 20, 4096, 2048, 512])
+    rows += _decode_rows(4, 32768, copy_gbps, iters, fixed=[1, 8, 64])
     torch.cuda.empty_cache()
+    for context in (256, 4096):  # batch 1: latency, where the split matters most
+        rows += _decode_rows(1, context, copy_gbps, iters, fixed=[1])
     rows += _prefill_rows(0, 4096, max(5, iters // 3))
     rows += _prefill_rows(3584, 512, iters)
     rows += _flash_rows(2048, max(5, iters // 3))
