@@ -1,14 +1,16 @@
 """YAIE's compute ops: one module per op, each with a torch reference and one dispatch function.
 
 The model calls only the dispatch functions re-exported here. Each reference is plain torch and
-is also the CPU path (but for the two CPU kernels below); CUDA kernels (numba.cuda) slot in
-behind the same dispatch functions and are tested against the references. Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` /
-``fused_add_layer_norm`` (GPT-2), ``apply_rotary`` (with ``build_cos_sin_cache``), ``silu_and_mul``,
-``gelu_tanh`` (GPT-2), ``write_kv``, ``rotary_write_kv`` (q/k norm + rotary + ``write_kv`` in one
-kernel, the Llama family's path on CUDA), ``paged_attention``, ``copy_blocks``
-(copy-on-write), and ``linear`` (GEMMs stay on torch: cuBLAS on CUDA, oneDNN on packed
-weights on the CPU, except decodes of 1-2 rows, which take the numba GEMV of
-``yaie.kernels.linear``). On fp32 CPU tensors decodes attend in a numba CPU kernel
+is also the CPU path wherever the numba CPU kernels below don't apply; CUDA kernels
+(numba.cuda) slot in behind the same dispatch functions and are tested against the references.
+Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` / ``fused_add_layer_norm`` (GPT-2),
+``apply_rotary`` (with ``build_cos_sin_cache``), ``silu_and_mul``, ``gelu_tanh`` (GPT-2),
+``write_kv``, ``rotary_write_kv`` (q/k norm + rotary + ``write_kv`` in one kernel, the Llama
+family's path), ``paged_attention``, ``copy_blocks`` (copy-on-write), and ``linear`` (GEMMs
+stay on torch: cuBLAS on CUDA, oneDNN on packed weights on the CPU, except decodes of 1-2 rows,
+which take the numba GEMV of ``yaie.kernels.linear``). On fp32 CPU tensors the elementwise ops
+(RMSNorm alone and fused, rotary, ``rotary_write_kv``, SiLU-and-mul) run numba CPU kernels
+(``yaie.kernels.elementwise_cpu``), and decodes attend in one
 (``yaie.kernels.decode_attention_cpu``). ``yaie.kernels.cpu`` holds what the CPU path needs of
 the process: heap reuse (``keep_freed_memory``) and how numba kernels launch (``run_parallel``).
 On CUDA the numba kernels run wherever they support the operands; ``YAIE_KERNELS=torch`` makes

@@ -26,6 +26,7 @@ from yaie.kernels._numba import (
     words,
     words_fit,
 )
+from yaie.kernels.elementwise_cpu import silu_and_mul_cpu, silu_and_mul_cpu_supported
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -210,9 +211,12 @@ def gelu_tanh_numba(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """The model's entry point: the numba kernel on CUDA tensors it supports, else the reference."""
+    """The model's entry point: the numba kernel on CUDA tensors it supports, the CPU kernel
+    (``yaie.kernels.elementwise_cpu``) on float32 CPU tensors it supports, else the reference."""
     if x.is_cuda and numba_supports(x):
         return silu_and_mul_numba(x)
+    if silu_and_mul_cpu_supported(x):
+        return silu_and_mul_cpu(x)
     return silu_and_mul_reference(x)
 
 

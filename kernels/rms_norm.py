@@ -31,6 +31,7 @@ from yaie.kernels._numba import (
     words,
     words_fit,
 )
+from yaie.kernels.elementwise_cpu import rms_norm_cpu, rms_norm_cpu_supported
 
 _MAX_THREADS = 1024
 _MAX_WARPS = _MAX_THREADS // 32
@@ -301,16 +302,20 @@ def fused_add_rms_norm_numba(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's entry point: the numba kernel on CUDA tensors it supports, else the reference."""
+    """The model's entry point: the numba kernel on CUDA tensors it supports, the CPU kernel
+    (``yaie.kernels.elementwise_cpu``) on float32 CPU tensors it supports, else the reference."""
     if x.is_cuda and numba_supports(x, weight):
         return rms_norm_numba(x, weight, eps)
+    if rms_norm_cpu_supported(x, weight):
+        return rms_norm_cpu(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """The model's entry point: the numba kernel on CUDA tensors it supports, else the reference."""
+    """The model's entry point: the numba kernel on CUDA tensors it supports, the CPU kernel
+    (``yaie.kernels.elementwise_cpu``) on float32 CPU tensors it supports, else the reference."""
     if (
         x.is_cuda
         and numba_supports(x, weight)
@@ -319,4 +324,6 @@ def fused_add_rms_norm(
         and words_fit(residual)
     ):
         return fused_add_rms_norm_numba(x, residual, weight, eps)
+    if rms_norm_cpu_supported(x, weight, residual):
+        return rms_norm_cpu(x, weight, eps, residual)
     return fused_add_rms_norm_reference(x, residual, weight, eps)

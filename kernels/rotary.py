@@ -35,6 +35,7 @@ from yaie.kernels._numba import (
     words,
     words_fit,
 )
+from yaie.kernels.elementwise_cpu import apply_rotary_cpu, rotary_cpu_supported
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -296,8 +297,11 @@ def apply_rotary(
     cos_sin_cache: torch.Tensor,
     is_neox: bool = True,
 ) -> None:
-    """The model's entry point: the numba kernel on CUDA tensors it supports, else the reference."""
+    """The model's entry point: the numba kernel on CUDA tensors it supports, the CPU kernel
+    (``yaie.kernels.elementwise_cpu``) on float32 CPU tensors it supports, else the reference."""
     if q.is_cuda and numba_supports(positions, q, k, cos_sin_cache):
         apply_rotary_numba(positions, q, k, cos_sin_cache, is_neox)
+    elif rotary_cpu_supported(positions, q, k, cos_sin_cache):
+        apply_rotary_cpu(positions, q, k, cos_sin_cache, is_neox)
     else:
         apply_rotary_reference(positions, q, k, cos_sin_cache, is_neox)

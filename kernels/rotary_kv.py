@@ -9,10 +9,11 @@ v value is read once from the QKV projection's output and written once: q back i
 into the cache (``k`` itself is not written back: attention reads keys from the cache).
 
 The torch reference is the unfused ops' references one after the other: ``rms_norm`` per head,
-``apply_rotary`` (NeoX pairing, the Llama family's), ``write_kv``. Where the kernel does not
-apply (the CPU, unsupported shapes), ``rotary_write_kv`` runs the unfused ops' own dispatch
-functions in the same order, so each still takes its numba kernel where it has one. The
-kernel rounds the normalised values to the activation dtype before rotating them, as the
+``apply_rotary`` (NeoX pairing, the Llama family's), ``write_kv``. On float32 CPU tensors a
+numba CPU kernel does the same in one pass (``yaie.kernels.elementwise_cpu``). Where neither
+applies (other CPU dtypes, unsupported shapes), ``rotary_write_kv`` runs the unfused ops' own
+dispatch functions in the same order, so each still takes its numba kernel where it has one. The
+kernels round the normalised values to the activation dtype before rotating them, as the
 unfused ops do when they store between the two, so both compute the same function.
 """
 
@@ -41,6 +42,7 @@ from yaie.kernels._numba import (
     words_fit,
     xor_shuffle,
 )
+from yaie.kernels.elementwise_cpu import rotary_write_kv_cpu, rotary_write_kv_cpu_supported
 from yaie.kernels.kv_cache import write_kv, write_kv_reference
 from yaie.kernels.rms_norm import rms_norm, rms_norm_reference
 from yaie.kernels.rotary import apply_rotary, apply_rotary_reference
@@ -349,7 +351,8 @@ def rotary_write_kv(
     slot_mapping: torch.Tensor,
     qk_norm: QKNorm | None = None,
 ) -> torch.Tensor:
-    """The model's entry point: the fused numba kernel on CUDA tensors it supports, else the
+    """The model's entry point: the fused numba kernel on CUDA tensors it supports, its CPU
+    twin (``yaie.kernels.elementwise_cpu``) on float32 CPU tensors it supports, else the
     unfused ops through their own dispatch functions.
 
     Returns the queries ready for attention; keys and values are in the cache.
@@ -358,4 +361,6 @@ def rotary_write_kv(
             slot_mapping, qk_norm)
     if qkv.is_cuda and numba_supports(*args):
         return rotary_write_kv_numba(*args)
+    if rotary_write_kv_cpu_supported(*args):
+        return rotary_write_kv_cpu(*args)
     return _unfused((rms_norm, apply_rotary, write_kv), *args)

@@ -30,6 +30,7 @@ rotary_mod = importlib.import_module("yaie.kernels.rotary")
 activation_mod = importlib.import_module("yaie.kernels.activation")
 kv_cache_mod = importlib.import_module("yaie.kernels.kv_cache")
 layer_norm_mod = importlib.import_module("yaie.kernels.layer_norm")
+cpu_mod = importlib.import_module("yaie.kernels.elementwise_cpu")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -224,9 +225,12 @@ def test_sim_write_kv(kv_heads: int, head_dim: int, block_size: int, dtype: torc
 
 
 @sim
-def test_sim_cpu_tensors_keep_the_reference_path() -> None:
-    """The dispatch functions send CPU tensors to the torch reference, simulator or not."""
+def test_sim_cpu_tensors_keep_the_cpu_paths() -> None:
+    """The dispatch functions never send CPU tensors to the numba.cuda kernels, simulator or
+    not: bf16 runs the torch reference, fp32 the CPU kernel (``yaie.kernels.elementwise_cpu``)."""
     x, w = torch.randn(2, 64), torch.randn(64)
+    assert torch.equal(rms_norm_mod.rms_norm(x, w, 1e-6), cpu_mod.rms_norm_cpu(x, w, 1e-6))
+    x, w = x.bfloat16(), w.bfloat16()
     expected = rms_norm_mod.rms_norm_reference(x, w, 1e-6)
     assert torch.equal(rms_norm_mod.rms_norm(x, w, 1e-6), expected)
 

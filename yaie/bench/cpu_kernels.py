@@ -10,7 +10,13 @@ MLP 1536, vocabulary 49,152), fp32, on as many threads as torch uses.
   The machine's read bandwidth, measured in the same run (``sum`` over as many bytes), is the
   ceiling: at one row a projection reads each weight once and does one multiply-add with it.
 - Decode attention: one layer's decodes over paged K/V with shuffled block tables, the numba
-  kernel (``paged_attention_kernels``) against the torch path (gather + SDPA).
+  kernel (``paged_attention_kernels``) against the torch path (gather + SDPA). "Warm" calls
+  one layer again and again, so its K/V stays in the caches; "cold" visits the caches of
+  several layers (together over 128 MB, four times the L3) in turn, as a model step does,
+  where the weights stream through the caches between two visits of a layer.
+- Per-layer elementwise ops: RMSNorm, fused add + RMSNorm, rotary + K/V write (with and
+  without Qwen3's q/k norm) and SiLU-and-mul, the numba CPU kernels
+  (``yaie.kernels.elementwise_cpu``) against the torch references, per call.
 
 Figures are medians of interleaved rounds (every variant once per round), so load that comes
 and goes on a shared machine weighs on all of them alike; compare ratios within one run.
@@ -27,12 +33,20 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from yaie.kernels.activation import silu_and_mul_reference
 from yaie.kernels.attention import paged_attention_kernels, paged_attention_reference
+from yaie.kernels.elementwise_cpu import rms_norm_cpu, rotary_write_kv_cpu, silu_and_mul_cpu
 from yaie.kernels.linear import CpuWeight, gemv, pack_weight
+from yaie.kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
+from yaie.kernels.rotary import build_cos_sin_cache
+from yaie.kernels.rotary_kv import rotary_write_kv_reference
 from yaie.model.attention import AttentionMetadata
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 30, 576, 9, 3, 64, 1536, 49152
 BLOCK_SIZE = 16
+EPS = 1e-5
+COLD_BYTES = 128 << 20
+"""K/V bytes the cold decode-attention rows cycle through: four times this machine's L3."""
 
 
 def _median_ms(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -120,31 +134,105 @@ def _decode_batch(num_seqs: int, context: int, seed: int = 0):
     return torch.randn(num_seqs, HEADS, HEAD_DIM), k_cache, torch.randn_like(k_cache), meta
 
 
-def _layers(attend: Callable, args: tuple) -> None:
-    """Ten calls, so the figure is above the timer's noise; reported per call."""
-    for _ in range(10):
-        attend(*args)
+def _calls(fn: Callable, args_per_call: list[tuple], repeat: int = 1) -> None:
+    """``fn(*args)`` for each argument tuple, ``repeat`` times over, so the figure is above the
+    timer's noise; reported per call."""
+    for _ in range(repeat):
+        for args in args_per_call:
+            fn(*args)
 
 
 def decode_attention(rounds: int) -> list[tuple[str, ...]]:
-    """Rows of (batch x context, numba us/layer, torch us/layer, speed-up)."""
+    """Rows of (batch x context, numba warm / cold us per layer, torch warm / cold, speed-up
+    cold)."""
     table = []
     for num_seqs, context in ((1, 100), (16, 100), (1, 1000), (16, 1000)):
-        q, k_cache, v_cache, meta = _decode_batch(num_seqs, context)
-        args = (q, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+        first = _decode_batch(num_seqs, context)
+        layer_bytes = 2 * first[1].numel() * first[1].element_size()
+        cold = [first] + [
+            _decode_batch(num_seqs, context, seed)
+            for seed in range(1, max(2, -(-COLD_BYTES // layer_bytes)))
+        ]
+        calls = len(cold)
+        warm = [first] * calls
         runs = {
-            "numba": partial(_layers, paged_attention_kernels, args),
-            "torch": partial(_layers, paged_attention_reference, args),
+            f"{name} {kind}": partial(
+                _calls, attend, [(*batch, HEAD_DIM**-0.5) for batch in batches]
+            )
+            for name, attend in (
+                ("numba", paged_attention_kernels),
+                ("torch", paged_attention_reference),
+            )
+            for kind, batches in (("warm", warm), ("cold", cold))
         }
-        ms = _median_ms(runs, rounds)
+        us = {name: ms * 1e3 / calls for name, ms in _median_ms(runs, rounds).items()}
         table.append(
             (
                 f"{num_seqs} x ~{context}",
-                f"{ms['numba'] * 100:.0f}",
-                f"{ms['torch'] * 100:.0f}",
-                f"{ms['torch'] / ms['numba']:.1f}x",
+                f"{us['numba warm']:.0f} / {us['numba cold']:.0f}",
+                f"{us['torch warm']:.0f} / {us['torch cold']:.0f}",
+                f"{us['torch cold'] / us['numba cold']:.1f}x",
             )
         )
+    return table
+
+
+def elementwise_ops(rounds: int) -> list[tuple[str, ...]]:
+    """Rows of (op x rows, numba us per call, torch us per call, speed-up)."""
+    torch.manual_seed(0)
+    weight = torch.randn(HIDDEN)
+    norms = (torch.randn(HEAD_DIM), torch.randn(HEAD_DIM), EPS)
+    cos_sin = build_cos_sin_cache(HEAD_DIM, 4096, 10000.0, None, torch.float32)
+    k_cache = torch.zeros(256, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    v_cache = torch.zeros_like(k_cache)
+    table = []
+    for rows in (1, 16):
+        x, residual = torch.randn(rows, HIDDEN), torch.randn(rows, HIDDEN)
+        gate_up = torch.randn(rows, 2 * MLP)
+        qkv = torch.randn(rows, HEADS + 2 * KV_HEADS, HEAD_DIM)
+        kv_args = (
+            torch.randint(0, 4096, (rows,)),
+            qkv,
+            HEADS,
+            KV_HEADS,
+            cos_sin,
+            k_cache,
+            v_cache,
+            torch.randperm(k_cache.shape[0] * BLOCK_SIZE)[:rows],
+        )
+        ops = {
+            "rms_norm": (
+                (rms_norm_cpu, (x, weight, EPS)),
+                (rms_norm_reference, (x, weight, EPS)),
+            ),
+            "add + rms_norm": (
+                (rms_norm_cpu, (x, weight, EPS, residual)),
+                (fused_add_rms_norm_reference, (x, residual, weight, EPS)),
+            ),
+            "rotary_write_kv": (
+                (rotary_write_kv_cpu, kv_args),
+                (rotary_write_kv_reference, kv_args),
+            ),
+            "  with q/k norm": (
+                (rotary_write_kv_cpu, (*kv_args, norms)),
+                (rotary_write_kv_reference, (*kv_args, norms)),
+            ),
+            "silu_and_mul": ((silu_and_mul_cpu, (gate_up,)), (silu_and_mul_reference, (gate_up,))),
+        }
+        for name, ((kernel, kernel_args), (reference, reference_args)) in ops.items():
+            runs = {
+                "numba": partial(_calls, kernel, [kernel_args], 100),
+                "torch": partial(_calls, reference, [reference_args], 100),
+            }
+            us = {variant: ms * 10 for variant, ms in _median_ms(runs, rounds).items()}
+            table.append(
+                (
+                    f"{name} x{rows}",
+                    f"{us['numba']:.1f}",
+                    f"{us['torch']:.1f}",
+                    f"{us['torch'] / us['numba']:.1f}x",
+                )
+            )
     return table
 
 
@@ -166,7 +254,12 @@ def run(rounds: int = 7) -> None:
         projections(rounds),
     )
     _print(
-        "decode attention, one layer, us",
-        ("decodes x context", "numba kernel", "torch (gather+SDPA)", "speed-up"),
+        "decode attention, one layer, us, warm / cold K/V",
+        ("decodes x context", "numba kernel", "torch (gather+SDPA)", "speed-up cold"),
         decode_attention(rounds),
+    )
+    _print(
+        "per-layer elementwise ops, us per call (hidden 576, MLP 1536, 9 q / 3 KV heads of 64)",
+        ("op x rows", "numba kernel", "torch reference", "speed-up"),
+        elementwise_ops(rounds),
     )
