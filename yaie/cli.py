@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--iters", type=int, default=100)
     kern.set_defaults(func=_bench_kernels)
     cpu_kern = bench_sub.add_parser(
-        "cpu-kernels", help="CPU projections and decode attention: numba vs torch"
+        "cpu-kernels", help="CPU projections, decode attention and elementwise ops: numba vs torch"
     )
     cpu_kern.add_argument("--rounds", type=int, default=7)
     cpu_kern.set_defaults(func=_bench_cpu_kernels)
