@@ -58,3 +58,16 @@ def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     """``out`` within the tolerance of ``dtype`` of the reference ``ref``."""
     err = relative_error(out, ref)
     assert err < TOLERANCE[dtype], f"relative error {err:.2e} for {dtype}"
+
+
+def check_cache_rows(
+    caches: list[torch.Tensor], refs: list[torch.Tensor], slots: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """Rows ``[slots, ...]`` of each cache (poisoned with NaN before the write) match the
+    reference's where the slot is not negative, and every other row is still NaN."""
+    written = slots[slots >= 0]
+    for got, want in zip(caches, refs):
+        check(got[written], want[written], dtype)
+        untouched = torch.ones(len(got), dtype=torch.bool)
+        untouched[written] = False
+        assert got[untouched].isnan().all(), "a K/V row was written outside the slot mapping"
