@@ -67,30 +67,31 @@ class Ceilings:
 
 def _time_per_call(fn: Callable[[], object], device: torch.device, repeat: int,
                    rounds: int = 5) -> float:
-    """Seconds per call of ``fn``: the fastest of ``rounds`` timings of ``repeat`` calls each
-    (device events on CUDA), after as many warm-up calls.
+    """Seconds per call of ``fn``: the fastest of ``rounds`` timings of ``repeat`` calls each,
+    after as many warm-up calls.
 
     For a ceiling, the fastest round is the figure: anything else on the device only slows a
     round down."""
     for _ in range(repeat):
         fn()
-    best = float("inf")
-    for _ in range(rounds):
-        if device.type != "cuda":
-            start = time.perf_counter()
-            for _ in range(repeat):
-                fn()
-            best = min(best, (time.perf_counter() - start) / repeat)
-            continue
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        begin.record()
+    return min(_round_seconds(fn, device, repeat) for _ in range(rounds)) / repeat
+
+
+def _round_seconds(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    """Seconds for ``repeat`` calls of ``fn``: device events on CUDA, the wall clock elsewhere."""
+    if device.type != "cuda":
+        start = time.perf_counter()
         for _ in range(repeat):
             fn()
-        end.record()
-        end.synchronize()
-        best = min(best, begin.elapsed_time(end) / 1000 / repeat)
-    return best
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    begin.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1000
 
 
 @functools.cache
