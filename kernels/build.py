@@ -151,11 +151,11 @@ class _PagedBatch:
         self.query_start_loc = torch.tensor([0, 1, 2, 7], **ints)
         self.scale = head_dim**-0.5
 
-    def decode(self, parts: int | None) -> None:
+    def decode(self, plan: _decode.DecodePlan) -> None:
         ids = torch.tensor([0, 1], dtype=torch.int32, device=self.q.device)
         _decode.paged_decode_attention(
             self.q, self.k_cache, self.v_cache, self.out, self.block_tables, self.seq_lens,
-            self.query_start_loc, ids, 40, self.scale, parts, min_part_tokens=16,
+            self.query_start_loc, ids, 40, self.scale, plan, min_part_tokens=16,
         )
 
     def prefill(self) -> None:
@@ -167,21 +167,25 @@ class _PagedBatch:
 
 
 def attention_warmups(shape: tuple[int, int, int]) -> list[Warmup]:
-    """Decode (whole context, and split-KV with its in-kernel merge) and prefill for one
-    shape."""
+    """Decode at every block width (whole context, and split-KV with its in-kernel merge) and
+    prefill for one shape."""
     heads, kv_heads, head_dim = shape
     group, label = heads // kv_heads, f"{heads}/{kv_heads}x{head_dim}"
 
-    def decode(split: bool) -> Callable[[torch.dtype], object]:
-        return lambda dtype: _decode.decode_kernel(
-            KINDS[dtype], group, head_dim, _BLOCK_SIZE, split
+    def decode(plan: _decode.DecodePlan) -> Warmup:
+        split = plan.parts > 1
+        return Warmup(
+            f"paged decode {label}, {plan.warps} warps{', split-KV' if split else ''}",
+            lambda dtype: _decode.decode_kernel(
+                KINDS[dtype], group, head_dim, _BLOCK_SIZE, split, plan.warps
+            ),
+            lambda dtype, device: _PagedBatch(shape, dtype, device).decode(plan),
         )
 
     return [
-        Warmup(f"paged decode {label}", decode(False),
-               lambda dtype, device: _PagedBatch(shape, dtype, device).decode(None)),
-        Warmup(f"  split-KV {label}", decode(True),
-               lambda dtype, device: _PagedBatch(shape, dtype, device).decode(3)),
+        *(decode(_decode.DecodePlan(warps, parts))
+          for warps in _decode.WARP_CHOICES for parts in (1, 3)
+          if _decode.decode_fits(group, head_dim, warps)),
         Warmup(f"paged prefill {label}",
                lambda dtype: _prefill.prefill_kernel(KINDS[dtype], group, head_dim, _BLOCK_SIZE),
                lambda dtype, device: _PagedBatch(shape, dtype, device).prefill()),

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -87,13 +88,21 @@ from yaie.kernels._numba import (
     words_fit,
 )
 
-WARPS = 3
-"""Warps per decode block. The bf16, GQA-4, head-dim-128 kernel takes 168 registers a thread
-(its K/V words for two runs of tokens are live at once, see the loop), so a multiprocessor's
-64K registers hold twelve of its warps: four blocks of three. Four blocks a multiprocessor make
-528 resident blocks on an H100, enough for the 512 (request, KV head) pairs of a 64-request
-Llama-3-8B batch in a single wave; blocks of four warps would fit three to a multiprocessor and
-leave a second wave one third full."""
+RESIDENT_WARPS = 12
+"""Decode warps resident per multiprocessor. The bf16, GQA-4, head-dim-128 kernel takes 168
+registers a thread (its K/V words for two runs of tokens are live at once, see the loop), so a
+multiprocessor's 64K registers hold twelve of its warps. Every block width below is compiled
+with the launch bound that keeps twelve resident (at most 170 registers a thread): without it,
+4 requests x 32k tokens (512 blocks of three warps) took 222.7 us on an H100, with it 199.4 us,
+since above 170 registers only three such blocks fit a multiprocessor and 512 need two waves."""
+
+WARP_CHOICES = (12, 6, 3)
+"""Warps per decode block, widest first: one, two or four blocks a multiprocessor. A batch
+takes the widest whose single wave (``multiprocessors x RESIDENT_WARPS / warps`` blocks) still
+holds one block per ``(request, KV head)`` pair. A 64-request Llama-3-8B batch (512 pairs)
+needs blocks of three (528 resident on an H100). One request has only eight pairs: blocks of
+twelve warps take 96 tokens an iteration instead of 24, so a short context is a few iterations
+of one block instead of many of a small one, or split among partitions and merged."""
 
 CHUNK = 4
 """Tokens a token group loads per iteration before using any of them."""
@@ -105,25 +114,30 @@ for each of its output values, so its time grows with the count."""
 MIN_PARTITION_ITERATIONS = 4
 """Loop iterations' worth of tokens a partition gets at least (unless told otherwise): below
 this, a short context is cut into so many slivers that their merge costs more than it saves.
-Measured on an H100 at batch 1 (Llama-3-8B heads), before the merge loaded several partitions
-at a time: 256 tokens as 11 one-iteration partitions took 17.5 us, unsplit 13.4 us. With this
-minimum (and that merge): 256 tokens in 3 partitions 14.4 us (unsplit 13.3), 1,024 in 11
-partitions 17.2 us (34.8), 4,096 in 16 partitions 26.2 us (120.3)."""
+Measured on an H100 at batch 1 (Llama-3-8B heads), blocks of three warps, before the merge
+loaded several partitions at a time: 256 tokens as 11 one-iteration partitions took 17.5 us,
+unsplit 13.4 us."""
 
 MAX_GROUP = 32
 """Most query heads per KV head (the merge keeps a weight per head and partition in shared
 memory)."""
 
-BLOCKS_PER_SM = 4
-"""Decode blocks resident per multiprocessor (see ``WARPS``). The kernel is compiled with it as
-its launch bound, which caps its registers at 65536 / (4 x 96) = 170 a thread. Without the
-bound, 4 requests x 32k tokens (512 blocks) took 222.7 us on an H100, with it 199.4 us: above
-170 registers only three blocks fit a multiprocessor, and 512 blocks need two waves."""
 
-_OPTIONS = {} if SIMULATOR else {"launch_bounds": (WARPS * 32, BLOCKS_PER_SM)}
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """How a decode launch is cut: ``warps`` per block, ``parts`` partitions per
+    ``(request, KV head)`` (1: no split)."""
+
+    warps: int
+    parts: int
 
 
-# --- sums across a token group's lanes ----------------------------------------------------
+@functools.cache
+def _options(warps: int) -> dict:
+    """Compile options of a block width: the launch bound that keeps ``RESIDENT_WARPS``."""
+    return {} if SIMULATOR else {"launch_bounds": (warps * 32, RESIDENT_WARPS // warps)}
+
+# --- exchanges between lanes of a warp ---------------------------------------------------
 
 if SIMULATOR:
 
@@ -149,7 +163,31 @@ if SIMULATOR:
                 values[a, b] = total
         cuda.syncthreads()
 
+    @cuda.jit(device=True)
+    def xor_exchange(values, width):
+        """Replace the local array ``values [a, b]`` by lane ``lane ^ width``'s, through shared
+        memory (two barriers for the whole array: every thread of the block must call it)."""
+        scratch = cuda.shared.array((1024, 64), np.float32)
+        tid = cuda.threadIdx.x
+        cols = values.shape[1]
+        for a in range(values.shape[0]):
+            for b in range(cols):
+                scratch[tid, a * cols + b] = values[a, b]
+        cuda.syncthreads()
+        for a in range(values.shape[0]):
+            for b in range(cols):
+                values[a, b] = scratch[tid ^ width, a * cols + b]
+        cuda.syncthreads()
+
 else:
+
+    @cuda.jit(device=True)
+    def xor_exchange(values, width):
+        """Replace the local array ``values [a, b]`` by lane ``lane ^ width``'s (one shuffle
+        an entry)."""
+        for a in range(values.shape[0]):
+            for b in range(values.shape[1]):
+                values[a, b] = cuda.shfl_xor_sync(0xFFFFFFFF, values[a, b], width)
 
     @cuda.jit(device=True)
     def group_sum(values, lanes):
@@ -162,6 +200,30 @@ else:
                 while width > 0:
                     values[a, b] += cuda.shfl_xor_sync(0xFFFFFFFF, values[a, b], width)
                     width //= 2
+
+
+@cuda.jit(device=True)
+def _merge_warp_groups(m, lsum, acc, theirs, lanes):
+    """Merge the online-softmax states ``(m, lsum, acc)`` of a warp's token groups (aligned
+    groups of ``lanes`` lanes) pairwise across groups, ``theirs [1, 2 + per-lane values]`` being
+    scratch for the partner's state: afterwards each lane holds the warp's merged state for its
+    words. Every thread of the block must call it (the simulator's exchange is a barrier)."""
+    width = lanes
+    while width < 32:
+        for g in range(m.shape[0]):
+            theirs[0, 0] = m[g]
+            theirs[0, 1] = lsum[g]
+            for e in range(acc.shape[1]):
+                theirs[0, 2 + e] = acc[g, e]
+            xor_exchange(theirs, width)
+            top = max(m[g], theirs[0, 0])
+            mine = math.exp2(m[g] - top)
+            weight = math.exp2(theirs[0, 0] - top)
+            lsum[g] = lsum[g] * mine + theirs[0, 1] * weight
+            for e in range(acc.shape[1]):
+                acc[g, e] = acc[g, e] * mine + theirs[0, 2 + e] * weight
+            m[g] = top
+        width *= 2
 
 
 # --- geometry ---------------------------------------------------------------------------------
@@ -184,41 +246,46 @@ def lane_layout(kind: int, head_dim: int) -> tuple[int, int] | None:
     return lanes, row_words // lanes
 
 
-def _merge_bytes(kind: int, group: int, head_dim: int) -> int:
-    """Shared memory holding every token group's state at the end of the block."""
-    lanes, _ = lane_layout(kind, head_dim)
-    return WARPS * (32 // lanes) * group * (head_dim + 2) * 4
+def decode_fits(group: int, head_dim: int, warps: int) -> bool:
+    """Whether a block of ``warps`` warps fits its static shared memory (at most 48 KiB): each
+    warp's merged state for ``group`` heads, and the split merge's weights."""
+    merge_bytes = warps * group * (head_dim + 2) * 4 + MAX_GROUP * MAX_PARTITIONS * 4
+    return merge_bytes <= 48 * 1024
 
 
-def tokens_per_iteration(kind: int, head_dim: int) -> int:
-    """Context tokens one decode block consumes per loop iteration."""
+def tokens_per_iteration(kind: int, head_dim: int, warps: int) -> int:
+    """Context tokens one decode block of ``warps`` warps consumes per loop iteration."""
     lanes, _ = lane_layout(kind, head_dim)
-    return CHUNK * WARPS * (32 // lanes)
+    return CHUNK * warps * (32 // lanes)
 
 
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return 8  # the simulator: a small pretend GPU, so tests exercise both plans
+        return 8  # the simulator: a small pretend GPU, so tests exercise every plan
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan_partitions(
-    num_decodes: int, num_kv_heads: int, max_seq_len: int, kind: int, head_dim: int,
-    device: torch.device,
-) -> int:
-    """Partitions per ``(request, KV head)`` for a decode batch (1: no split).
+def plan_decode(
+    num_decodes: int, num_kv_heads: int, max_seq_len: int, kind: int, group: int,
+    head_dim: int, device: torch.device,
+) -> DecodePlan:
+    """Block width and partitions per ``(request, KV head)`` for a decode batch.
 
-    Enough to fill one wave of resident blocks (``BLOCKS_PER_SM`` a multiprocessor): a batch
-    of 64 requests x 8 KV heads fills an H100 by itself and is not split, one request is cut
-    into up to ``MAX_PARTITIONS`` pieces. Never more partitions than ``max_seq_len`` has
-    partitions of ``MIN_PARTITION_ITERATIONS`` loop iterations.
+    The widest blocks (``WARP_CHOICES``) whose one wave holds a block per pair and whose states
+    fit shared memory; then enough partitions to fill that wave: a batch of 64 requests x 8 KV
+    heads fills an H100 with blocks of three warps and is not split, one request gets blocks of
+    twelve cut into up to ``MAX_PARTITIONS`` pieces. Never more partitions than ``max_seq_len``
+    has partitions of ``MIN_PARTITION_ITERATIONS`` loop iterations.
     """
     pairs = max(1, num_decodes * num_kv_heads)
-    slots = BLOCKS_PER_SM * _num_sms(device)
-    fill = slots // pairs
-    most = _ceil_div(max_seq_len, MIN_PARTITION_ITERATIONS * tokens_per_iteration(kind, head_dim))
-    return max(1, min(fill, MAX_PARTITIONS, most))
+    sms = _num_sms(device)
+    fitting = [w for w in WARP_CHOICES if decode_fits(group, head_dim, w)]
+    warps = next((w for w in fitting if pairs <= sms * (RESIDENT_WARPS // w)), fitting[-1])
+    fill = sms * (RESIDENT_WARPS // warps) // pairs
+    iteration = tokens_per_iteration(kind, head_dim, warps)
+    most = _ceil_div(max_seq_len, MIN_PARTITION_ITERATIONS * iteration)
+    return DecodePlan(warps, max(1, min(fill, MAX_PARTITIONS, most)))
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -311,8 +378,10 @@ def _merge_if_last(out, part_out, part_lse, arrivals, row, i, kv_head, parts, gr
 
 
 @functools.cache
-def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: bool):
-    """The decode kernel for one storage kind, GQA group size, head dim and block size.
+def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: bool,
+                  warps: int):
+    """The decode kernel for one storage kind, GQA group size, head dim, block size and block
+    width (``warps``).
 
     These are compile-time constants (closure cells, folded by numba): they size the per-lane
     register arrays and unroll every inner loop. ``split`` compiles in the split-KV path:
@@ -324,13 +393,14 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
     vec = 2 if kind == F32 else 4
     per_lane = wpl * vec
     groups_per_warp = 32 // lanes
-    n_groups = WARPS * groups_per_warp
+    n_groups = warps * groups_per_warp
     chunk = CHUNK
     step = chunk * n_groups
     row_words = head_dim // vec
-    threads = WARPS * 32
+    threads = warps * 32
+    state_size = 2 + per_lane  # a token group's (m, lsum, acc) for one head, as one lane has it
 
-    @cuda.jit(cache=True, fastmath=True, **_OPTIONS)
+    @cuda.jit(cache=True, fastmath=True, **_options(warps))
     def paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seq_ids,
                      kv_stride, scale_log2, min_part, part_out, part_lse, arrivals):
         """out/q: words ``[T, Hq, W]``; caches: flat words (row ``slot * Hkv + kv_head``,
@@ -454,16 +524,20 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
             blk_next = blk_after
             t0 = t_next
 
-        # Merge the token groups' states through shared memory: group k's state is row k.
-        sm_acc = cuda.shared.array((n_groups, group, head_dim), np.float32)
-        sm_ml = cuda.shared.array((n_groups, group, 2), np.float32)
-        for g in range(group):
-            for j in range(wpl):
-                for e in range(vec):
-                    sm_acc[token_group, g, (gl + lanes * j) * vec + e] = acc[g, j * vec + e]
-            if gl == 0:
-                sm_ml[token_group, g, 0] = m[g]
-                sm_ml[token_group, g, 1] = lsum[g]
+        # Merge the token groups of each warp by shuffles, then the warps' states through
+        # shared memory: warp k's state is row k, written by its first token group.
+        theirs = cuda.local.array((1, state_size), np.float32)
+        _merge_warp_groups(m, lsum, acc, theirs, lanes)
+        sm_acc = cuda.shared.array((warps, group, head_dim), np.float32)
+        sm_ml = cuda.shared.array((warps, group, 2), np.float32)
+        if lane < lanes:
+            for g in range(group):
+                for j in range(wpl):
+                    for e in range(vec):
+                        sm_acc[warp, g, (gl + lanes * j) * vec + e] = acc[g, j * vec + e]
+                if gl == 0:
+                    sm_ml[warp, g, 0] = m[g]
+                    sm_ml[warp, g, 1] = lsum[g]
         cuda.syncthreads()
 
         # Epilogue: thread owns output words (g, w) of the G heads.
@@ -472,17 +546,19 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
             w = item % row_words
             head = kv_head * group + g
             top = NEG_SCORE
-            for k in range(n_groups):
+            for k in range(warps):
                 top = max(top, sm_ml[k, g, 0])
+            weight = cuda.local.array(warps, np.float32)
             total = np.float32(0.0)
-            for k in range(n_groups):
-                total += sm_ml[k, g, 1] * math.exp2(sm_ml[k, g, 0] - top)
+            for k in range(warps):
+                weight[k] = math.exp2(sm_ml[k, g, 0] - top)
+                total += sm_ml[k, g, 1] * weight[k]
             word = np.uint64(0)
             for e in range(vec):
                 d = w * vec + e
                 o = np.float32(0.0)
-                for k in range(n_groups):
-                    o += sm_acc[k, g, d] * math.exp2(sm_ml[k, g, 0] - top)
+                for k in range(warps):
+                    o += sm_acc[k, g, d] * weight[k]
                 o = o / total
                 if parts > 1:
                     part_out[i, head, part, d] = o
@@ -514,7 +590,7 @@ def decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         and q.shape[1] % k_cache.shape[2] == 0
         and q.shape[1] // k_cache.shape[2] <= MAX_GROUP
         and lane_layout(kind, q.shape[2]) is not None
-        and _merge_bytes(kind, q.shape[1] // k_cache.shape[2], q.shape[2]) <= 48 * 1024
+        and decode_fits(q.shape[1] // k_cache.shape[2], q.shape[2], min(WARP_CHOICES))
         and k_cache.shape[1] % CHUNK == 0
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
@@ -548,17 +624,17 @@ def paged_decode_attention(
     seq_ids: torch.Tensor,
     max_seq_len: int,
     scale: float,
-    parts: int | None = None,
+    plan: DecodePlan | None = None,
     min_part_tokens: int | None = None,
 ) -> None:
     """Write ``out[query_start_loc[s]]`` for every decode request ``s`` in ``seq_ids``.
 
     ``q, out [T, Hq, D]`` (``out`` contiguous), caches ``[num_blocks, block_size, Hkv, D]``,
     ``block_tables [num_seqs, max_blocks]``, ``seq_lens``, ``query_start_loc``, ``seq_ids``:
-    int32 on ``q``'s device. ``max_seq_len`` bounds every decode's context. ``parts``: the
-    split-KV partitions per ``(request, KV head)`` (``None``: ``plan_partitions``; 1: no split;
-    at most ``MAX_PARTITIONS``);
-    the grid depends on it and the batch size alone, so a CUDA graph can capture the launch.
+    int32 on ``q``'s device. ``max_seq_len`` bounds every decode's context. ``plan``: block
+    width and split-KV partitions (``None``: ``plan_decode``; partitions are clamped to
+    ``MAX_PARTITIONS``); the grid depends on it and the batch size alone, so a CUDA graph can
+    capture the launch.
     ``min_part_tokens`` (default: ``MIN_PARTITION_ITERATIONS`` loop iterations' tokens; rounded
     up to a multiple of ``CHUNK``) is the shortest partition worth a block of its own.
     """
@@ -568,10 +644,12 @@ def paged_decode_attention(
     kind = KINDS[q.dtype]
     num_kv_heads, block_size, head_dim = k_cache.shape[2], k_cache.shape[1], q.shape[2]
     group = q.shape[1] // num_kv_heads
-    if parts is None:
-        parts = plan_partitions(num_decodes, num_kv_heads, max_seq_len, kind, head_dim, q.device)
-    parts = min(parts, MAX_PARTITIONS)
-    min_part = min_part_tokens or MIN_PARTITION_ITERATIONS * tokens_per_iteration(kind, head_dim)
+    if plan is None:
+        plan = plan_decode(num_decodes, num_kv_heads, max_seq_len, kind, group, head_dim,
+                           q.device)
+    warps, parts = plan.warps, min(plan.parts, MAX_PARTITIONS)
+    iteration = tokens_per_iteration(kind, head_dim, warps)
+    min_part = min_part_tokens or MIN_PARTITION_ITERATIONS * iteration
     min_part = _ceil_div(min_part, CHUNK) * CHUNK
     split = parts > 1
     stream = stream_for(q)
@@ -583,9 +661,9 @@ def paged_decode_attention(
     part_lse = torch.empty(rank3, dtype=torch.float32, device=q.device)
     arrivals = _arrival_counters(q.device, num_decodes * num_kv_heads if split else 1)
     ints = [array_view(t) for t in (block_tables, seq_lens, query_start_loc, seq_ids)]
-    kernel = decode_kernel(kind, group, head_dim, block_size, split)
+    kernel = decode_kernel(kind, group, head_dim, block_size, split, warps)
     kv_stride = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size() // 8
-    kernel[(num_kv_heads, num_decodes, parts), WARPS * 32, stream](
+    kernel[(num_kv_heads, num_decodes, parts), warps * 32, stream](
         words(out), words(q), words(k_cache.view(-1)), words(v_cache.view(-1)), *ints,
         np.int64(kv_stride), scale_log2, np.int32(min_part), array_view(part_out),
         array_view(part_lse), array_view(arrivals),

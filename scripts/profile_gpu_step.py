@@ -96,12 +96,35 @@ def _profile_decode(engine: LLMEngine, steps: int) -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.self_device_time_total for e in kernels) / steps
+    short, long = _idle_gaps(prof)
     print(f"decode step of {engine.steps[-1].num_requests} requests: {wall_us:.0f} us wall, "
-          f"{total:.0f} us of GPU kernels")
+          f"{total:.0f} us of GPU kernels; GPU idle {short / steps:.0f} us/step in gaps under "
+          f"{_HOST_GAP_US} us (between kernels), {long / steps:.0f} us/step in longer ones "
+          "(waiting for the host)")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:
         per_step = e.self_device_time_total / steps
         print(f"{per_step:9.1f} us/step {e.count // steps:4d}x "
               f"{e.self_device_time_total / max(e.count, 1):8.2f} us each  {e.key[:80]}")
+
+
+_HOST_GAP_US = 20
+
+
+def _idle_gaps(prof: profile) -> tuple[float, float]:
+    """Microseconds the GPU ran nothing, in gaps under ``_HOST_GAP_US`` and in longer ones."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA")
+    short = long = 0.0
+    busy_until = spans[0][1] if spans else 0.0
+    for start, end in spans[1:]:
+        gap = start - busy_until
+        if gap > 0:
+            if gap < _HOST_GAP_US:
+                short += gap
+            else:
+                long += gap
+        busy_until = max(busy_until, end)
+    return short, long
 
 
 if __name__ == "__main__":

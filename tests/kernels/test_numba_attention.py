@@ -88,11 +88,12 @@ class Batch:
     def poisoned(self) -> torch.Tensor:
         return torch.full(self.q.shape, float("nan"), dtype=self.q.dtype, device=self.q.device)
 
-    def decode(self, out: torch.Tensor, parts: int | None, min_part: int | None = None) -> None:
+    def decode(self, out: torch.Tensor, plan: decode_mod.DecodePlan | None,
+               min_part: int | None = None) -> None:
         m = self.meta
         decode_mod.paged_decode_attention(
             self.q, self.k_cache, self.v_cache, out, m.block_tables, m.seq_lens,
-            m.query_start_loc, m.decode_ids, m.max_seq_len, self.scale, parts, min_part,
+            m.query_start_loc, m.decode_ids, m.max_seq_len, self.scale, plan, min_part,
         )
 
     def prefill(self, out: torch.Tensor) -> None:
@@ -103,9 +104,11 @@ class Batch:
         )
 
 
-def check_decode(batch: Batch, parts: int | None, min_part: int | None = None) -> None:
+def check_decode(batch: Batch, plan: tuple[int, int] | None,
+                 min_part: int | None = None) -> None:
+    """``plan``: ``(warps, partitions)``, or None for the planned launch."""
     out = batch.poisoned()
-    batch.decode(out, parts, min_part)
+    batch.decode(out, plan and decode_mod.DecodePlan(*plan), min_part)
     check(out.cpu(), batch.ref, batch.q.dtype)
 
 
@@ -154,31 +157,32 @@ def test_attention_kernels_in_cuda_simulator() -> None:
 
 @sim
 @pytest.mark.parametrize(
-    ("dtype", "heads", "kv_heads", "block_size", "parts", "min_part"),
+    ("dtype", "heads", "kv_heads", "block_size", "plan", "min_part"),
     [
-        (torch.float32, 2, 2, 16, None, None),  # GQA 1, the plan's partitions
-        (torch.bfloat16, 4, 1, 32, 1, None),  # GQA 4, no split
-        (torch.bfloat16, 4, 1, 32, 9, 4),  # 9 partitions: 71 tokens as 9, 38 as 5, 6 as 2
-        (torch.float16, 4, 1, 16, 2, None),  # fp16, two partitions spanning blocks
+        (torch.float32, 2, 2, 16, None, None),  # GQA 1, the plan
+        (torch.bfloat16, 4, 1, 32, (3, 1), None),  # GQA 4, no split
+        (torch.bfloat16, 4, 1, 32, (3, 9), 4),  # 9 partitions: 71 tokens as 9, 38 as 5, 6 as 2
+        (torch.float16, 4, 1, 16, (6, 2), None),  # fp16, two partitions spanning blocks
+        (torch.bfloat16, 4, 2, 16, (12, 3), 8),  # the widest blocks, split
     ],
 )
 def test_sim_decode(
-    dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, parts: int | None,
-    min_part: int | None,
+    dtype: torch.dtype, heads: int, kv_heads: int, block_size: int,
+    plan: tuple[int, int] | None, min_part: int | None,
 ) -> None:
     # Contexts of 38, 6 and 71 tokens: none a multiple of the block size. Split, a short
     # context fills fewer partitions than the launch has (the rest exit, the merge counts only
     # the filled ones) or one (written directly).
     batch = Batch([(37, 1), (5, 1), (70, 1)], heads, kv_heads, 64, block_size, dtype, "cpu")
-    check_decode(batch, parts, min_part)
+    check_decode(batch, plan, min_part)
 
 
 @sim
 def test_sim_split_decode_twice_reuses_the_arrival_counters() -> None:
     """The merging block resets its counter: a second launch (a graph replay) merges again."""
     batch = Batch([(37, 1), (70, 1)], 4, 2, 64, 16, torch.bfloat16, "cpu")
-    check_decode(batch, 5, 4)
-    check_decode(batch, 5, 4)
+    check_decode(batch, (3, 5), 4)
+    check_decode(batch, (3, 5), 4)
     assert int(decode_mod._ARRIVALS[torch.device("cpu")].abs().sum()) == 0
 
 
@@ -205,17 +209,22 @@ def test_sim_copy_blocks() -> None:
     check_copy_blocks((6, 16, 2, 8), 2, torch.bfloat16, "cpu")
 
 
-def test_partition_plan_splits_only_small_batches() -> None:
-    cpu = torch.device("cpu")  # the simulator's pretend GPU of 8 multiprocessors: 32 slots
-    # 64 x 8 blocks fill the GPU many times over: no split.
-    assert decode_mod.plan_partitions(64, 8, 4096, BF16, 128, cpu) == 1
-    # One request, one KV head: cut as finely as the merge allows (the slots would take 32).
-    assert decode_mod.plan_partitions(1, 1, 4096, BF16, 128, cpu) == decode_mod.MAX_PARTITIONS
-    # 12 pairs: two partitions each fill 24 of the 32 slots, three would overflow them.
-    assert decode_mod.plan_partitions(3, 4, 4096, BF16, 128, cpu) == 2
+def test_decode_plan_widens_blocks_and_splits_only_small_batches() -> None:
+    cpu = torch.device("cpu")  # the simulator's pretend GPU of 8 multiprocessors
+    plan = decode_mod.plan_decode
+    # 64 x 8 pairs fill the GPU many times over: the narrowest blocks, no split.
+    assert plan(64, 8, 4096, BF16, 4, 128, cpu) == decode_mod.DecodePlan(3, 1)
+    # One request, one KV head: the widest blocks, one partition a multiprocessor.
+    assert plan(1, 1, 4096, BF16, 4, 128, cpu) == decode_mod.DecodePlan(12, 8)
+    # 12 pairs: blocks of six warps (16 resident); one partition each, two would overflow.
+    assert plan(3, 4, 4096, BF16, 4, 128, cpu) == decode_mod.DecodePlan(6, 1)
+    # 24 pairs: blocks of three (32 resident).
+    assert plan(6, 4, 4096, BF16, 4, 128, cpu) == decode_mod.DecodePlan(3, 1)
     # Never partitions shorter than MIN_PARTITION_ITERATIONS loop iterations.
-    shortest = decode_mod.MIN_PARTITION_ITERATIONS * decode_mod.tokens_per_iteration(F32, 64)
-    assert decode_mod.plan_partitions(1, 1, 2 * shortest, F32, 64, cpu) == 2
+    shortest = decode_mod.MIN_PARTITION_ITERATIONS * decode_mod.tokens_per_iteration(F32, 64, 12)
+    assert plan(1, 1, 2 * shortest, F32, 1, 64, cpu) == decode_mod.DecodePlan(12, 2)
+    # Twelve warps' states for 8 heads of 128 overflow shared memory: six instead.
+    assert plan(1, 1, 4096, BF16, 8, 128, cpu).warps == 6
 
 
 def test_cpu_tensors_take_the_reference_path() -> None:
@@ -238,10 +247,11 @@ def _long_decodes(n: int, longest: int, seed: int) -> list[tuple[int, int]]:
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("parts", [None, 3, 99, 1], ids=["auto", "split", "most", "whole"])
-def test_gpu_decode(dtype: torch.dtype, parts: int | None) -> None:
+@pytest.mark.parametrize("plan", [None, (3, 3), (12, 99), (6, 1)],
+                         ids=["auto", "split", "most", "whole"])
+def test_gpu_decode(dtype: torch.dtype, plan: tuple[int, int] | None) -> None:
     batch = Batch(_long_decodes(12, 4100, 1), HEADS, KV_HEADS, HEAD_DIM, 16, dtype, "cuda")
-    check_decode(batch, parts)
+    check_decode(batch, plan)
 
 
 @gpu
@@ -284,16 +294,17 @@ def test_gpu_paged_attention_dispatch(backend: str, monkeypatch: pytest.MonkeyPa
 
 @gpu
 def test_gpu_decode_replays_in_a_cuda_graph() -> None:
-    """With a fixed partition count, a decode step captures into a graph and replays right on
+    """With a fixed plan, a decode step captures into a graph and replays right on
     new queries and cache contents copied into the captured buffers (the split merge's
     arrival counters included)."""
     batch = Batch(_long_decodes(8, 2000, 3), HEADS, KV_HEADS, HEAD_DIM, 16, torch.bfloat16,
                   "cuda")
     out = batch.poisoned()
-    batch.decode(out, 8)  # compile outside the capture
+    plan = decode_mod.DecodePlan(6, 8)
+    batch.decode(out, plan)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        batch.decode(out, 8)
+        batch.decode(out, plan)
     batch.q.copy_(torch.randn_like(batch.q))
     batch.k_cache.copy_(torch.randn_like(batch.k_cache))
     out.fill_(float("nan"))

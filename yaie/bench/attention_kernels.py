@@ -103,11 +103,11 @@ class _PagedBatch:
         v = self.v_cache[table].flatten(0, 1)[:seg_len].transpose(0, 1).contiguous()
         return k, v
 
-    def decode(self, parts: int | None) -> None:
+    def decode(self, plan: _decode.DecodePlan) -> None:
         m = self.meta
         _decode.paged_decode_attention(
             self.q, self.k_cache, self.v_cache, self.out, m.block_tables, m.seq_lens,
-            m.query_start_loc, m.decode_ids, m.max_seq_len, self.scale, parts,
+            m.query_start_loc, m.decode_ids, m.max_seq_len, self.scale, plan,
         )
 
     def prefill(self) -> None:
@@ -119,7 +119,8 @@ class _PagedBatch:
 
 
 def _decode_rows(batch: int, context: int, copy_gbps: float, iters: int,
-                 fixed: list[int]) -> list[AttentionRow]:
+                 fixed: list[tuple[int, int]]) -> list[AttentionRow]:
+    """The plan's decode launch and the ``(warps, partitions)`` plans in ``fixed``."""
     paged = _PagedBatch([(context - 1, 1)] * batch)
     kv_bytes = 2 * paged.k_cache.numel() * paged.k_cache.element_size()
     pairs = [paged.gathered(i) for i in range(batch)]
@@ -131,16 +132,19 @@ def _decode_rows(batch: int, context: int, copy_gbps: float, iters: int,
         lambda: F.scaled_dot_product_attention(q4, k, v, scale=paged.scale, enable_gqa=True),
         iters,
     )
-    auto = _decode.plan_partitions(batch, KV_HEADS, context, BF16, HEAD_DIM,
-                                   torch.device("cuda"))
+    auto = _decode.plan_decode(batch, KV_HEADS, context, BF16, HEADS // KV_HEADS, HEAD_DIM,
+                               torch.device("cuda"))
     rows = []
-    for parts in [auto] + [p for p in fixed if p != auto]:
-        us = _median_us(lambda parts=parts: paged.decode(parts), iters)
-        label = "auto, " if parts == auto else ""
-        plan = f"{parts} partitions of {-(-context // parts)}" if parts > 1 else "no split"
+    plans = [_decode.DecodePlan(*p) for p in fixed]
+    for plan in [auto] + [p for p in plans if p != auto]:
+        us = _median_us(lambda plan=plan: paged.decode(plan), iters)
+        label = "auto, " if plan == auto else ""
+        parts = plan.parts
+        split = f"{parts} parts of {-(-context // parts)}" if parts > 1 else "no split"
+        label = f"{label}{plan.warps} warps, {split}"
         gbps = kv_bytes / us / 1e3
         rows.append(AttentionRow(
-            f"paged decode ({label}{plan})",
+            f"paged decode ({label})",
             f"B {batch} x ctx {context}, {HEADS}/{KV_HEADS} heads x {HEAD_DIM}",
             us, gbps, "GB/s", 100 * gbps / copy_gbps, "SDPA, KV gathered contiguous", torch_us,
         ))
@@ -224,12 +228,12 @@ def _copy_rows(copy_gbps: float, iters: int) -> list[AttentionRow]:
 
 def bench_rows(copy_gbps: float, iters: int = 30) -> list[AttentionRow]:
     """Every attention benchmark row; ``copy_gbps`` is the copy bandwidth measured in this run."""
-    rows = _decode_rows(64, 4096, copy_gbps, iters, fixed=[2, 4])
+    rows = _decode_rows(64, 4096, copy_gbps, iters, fixed=[(3, 2), (6, 1)])
     torch.cuda.empty_cache()
-    rows += _decode_rows(4, 32768, copy_gbps, iters, fixed=[1, 8, 64])
+    rows += _decode_rows(4, 32768, copy_gbps, iters, fixed=[(3, 16), (6, 8), (12, 1)])
     torch.cuda.empty_cache()
-    for context in (256, 4096):  # batch 1: latency, where the split matters most
-        rows += _decode_rows(1, context, copy_gbps, iters, fixed=[1])
+    for context in (256, 1024, 4096):  # batch 1: latency, where the split matters most
+        rows += _decode_rows(1, context, copy_gbps, iters, fixed=[(3, 16), (12, 1)])
     rows += _prefill_rows(0, 4096, max(5, iters // 3))
     rows += _prefill_rows(3584, 512, iters)
     rows += _flash_rows(2048, max(5, iters // 3))
