@@ -37,13 +37,22 @@ every lane ends with the full score.
 
 **Merging states.** States ``(m_k, l_k, acc_k)`` over disjoint token sets combine into
 ``M = max_k m_k``, ``l = sum_k l_k 2^(m_k - M)``, ``acc = sum_k acc_k 2^(m_k - M)``: exactly
-the state of their union. At the end the token groups write their states to shared memory and
-the block's threads, each owning output words of the G heads, merge them: ``out = acc / l``.
+the state of their union. At the end the token groups of a warp merge pairwise by xor shuffles
+(``_merge_warp_groups``), each warp writes its one state to shared memory, and the block's
+threads, each owning output words of the G heads, merge the warps': ``out = acc / l``.
+
+**Block width.** A block has 3, 6 or 12 warps (``WARP_CHOICES``), always twelve resident a
+multiprocessor; ``plan_decode`` takes the widest whose one wave still holds a block per
+``(request, kv_head)`` pair. A wide block eats 96 tokens an iteration (bf16, ``D = 128``), a
+narrow one 24: few requests mean few pairs, and then a short context costs a few iterations of
+one wide block instead of many of a narrow one. Measured on an H100 (Llama-3-8B heads): one
+request of 256 tokens 11.7 us against 14.1 with blocks of three warps, 16 requests of 1,024
+tokens 31.8 against 47.6 us.
 
 **Split-KV ("flash-decoding").** A batch of few requests has too few ``(request, kv_head)``
 pairs to occupy every multiprocessor, and one block walking a long context alone would leave
 the GPU mostly idle and take as many loop iterations as the context has runs. The launch then
-gives each pair ``P`` blocks (the grid's third dimension, ``plan_partitions``) and each block
+gives each pair ``P`` blocks (the grid's third dimension, ``plan_decode``) and each block
 takes one partition of the request's *actual* context: ``ceil(len / P)`` tokens rounded up to
 whole runs of ``CHUNK`` (so no run straddles a cache block), and at least ``min_part`` tokens
 (``MIN_PARTITION_ITERATIONS`` loop iterations' worth unless told otherwise). The length comes from ``seq_lens`` inside
