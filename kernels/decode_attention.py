@@ -146,23 +146,32 @@ def _options(warps: int) -> dict:
     """Compile options of a block width: the launch bound that keeps ``RESIDENT_WARPS``."""
     return {} if SIMULATOR else {"launch_bounds": (warps * 32, RESIDENT_WARPS // warps)}
 
+
 # --- exchanges between lanes of a warp ---------------------------------------------------
 
 if SIMULATOR:
+    # The simulator has no warp shuffles: these twins exchange through shared memory, with two
+    # barriers for the whole array (every thread of the block must call them).
+
+    @cuda.jit(device=True)
+    def _staged(values):
+        """Shared scratch holding every thread's local array ``values [a, b]`` as its row,
+        after a barrier (the simulator runs Python: a device function may return it)."""
+        scratch = cuda.shared.array((1024, 64), np.float32)
+        cols = values.shape[1]
+        for a in range(values.shape[0]):
+            for b in range(cols):
+                scratch[cuda.threadIdx.x, a * cols + b] = values[a, b]
+        cuda.syncthreads()
+        return scratch
 
     @cuda.jit(device=True)
     def group_sum(values, lanes):
         """Sum every entry of the local array ``values [a, b]`` over each aligned group of
-        ``lanes`` lanes; all lanes get the sums. The simulator has no warp shuffles: this
-        twin exchanges through shared memory, with two barriers for the whole array (every
-        thread of the block must call it)."""
-        scratch = cuda.shared.array((1024, 64), np.float32)
+        ``lanes`` lanes; all lanes get the sums."""
+        scratch = _staged(values)
         tid = cuda.threadIdx.x
         cols = values.shape[1]
-        for a in range(values.shape[0]):
-            for b in range(cols):
-                scratch[tid, a * cols + b] = values[a, b]
-        cuda.syncthreads()
         first = tid - tid % lanes
         for a in range(values.shape[0]):
             for b in range(cols):
@@ -174,18 +183,12 @@ if SIMULATOR:
 
     @cuda.jit(device=True)
     def xor_exchange(values, width):
-        """Replace the local array ``values [a, b]`` by lane ``lane ^ width``'s, through shared
-        memory (two barriers for the whole array: every thread of the block must call it)."""
-        scratch = cuda.shared.array((1024, 64), np.float32)
-        tid = cuda.threadIdx.x
+        """Replace the local array ``values [a, b]`` by lane ``lane ^ width``'s."""
+        scratch = _staged(values)
         cols = values.shape[1]
         for a in range(values.shape[0]):
             for b in range(cols):
-                scratch[tid, a * cols + b] = values[a, b]
-        cuda.syncthreads()
-        for a in range(values.shape[0]):
-            for b in range(cols):
-                values[a, b] = scratch[tid ^ width, a * cols + b]
+                values[a, b] = scratch[cuda.threadIdx.x ^ width, a * cols + b]
         cuda.syncthreads()
 
 else:
