@@ -175,7 +175,8 @@ def attention_warmups(shape: tuple[int, int, int]) -> list[Warmup]:
     def decode(plan: _decode.DecodePlan) -> Warmup:
         split = plan.parts > 1
         return Warmup(
-            f"paged decode {label}, {plan.warps} warps{', split-KV' if split else ''}",
+            f"  split-KV, {plan.warps} warps" if split
+            else f"paged decode {label}, {plan.warps} warps",
             lambda dtype: _decode.decode_kernel(
                 KINDS[dtype], group, head_dim, _BLOCK_SIZE, split, plan.warps
             ),
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for key in args.dtype or list(DTYPES):
         rows += warmup(DTYPES[key])
-    widths = (22, 26, 6, 9)
+    widths = (max(len(row.name) for row in rows), 26, 6, 9)
     header = ("op", "kernel", "dtype", "seconds")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  types")
     for row in rows:
