@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from yaie.kernels.cpu import run_parallel
-from yaie.kernels.elementwise_cpu import exp
+from yaie.kernels.elementwise_cpu import exp, plain_f32
 
 _LANES = 4
 """Interleaved walks through a context (see the module docstring). ``_scores`` and
@@ -182,13 +182,11 @@ def cpu_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """Whether ``paged_decode_attention_cpu`` handles these operands: fp32 CPU tensors whose
     query heads are a multiple of the KV heads, caches contiguous."""
     return (
-        q.device.type == "cpu"
-        and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+        plain_f32(q, k_cache, v_cache)
         and k_cache.shape == v_cache.shape
         and q.shape[1] % k_cache.shape[2] == 0
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
-        and not q.requires_grad
     )
 
 

@@ -98,6 +98,14 @@ def _inv_rms(row: np.ndarray, eps: float) -> np.float32:
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+def _rms_normalize(row: np.ndarray, weight: np.ndarray, eps: float, dst: np.ndarray) -> None:
+    """``dst = row / rms(row) * weight`` (``dst`` may be ``row``)."""
+    inv = _inv_rms(row, eps)
+    for i in range(row.shape[0]):
+        dst[i] = row[i] * inv * weight[i]
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
 def _rms_norm_kernel(
     x: np.ndarray, residual: np.ndarray, weight: np.ndarray, out: np.ndarray, eps: float
 ) -> None:
@@ -112,10 +120,7 @@ def _rms_norm_kernel(
             for i in range(row.shape[0]):
                 summed[i] += row[i]
             row = summed
-        inv = _inv_rms(row, eps)
-        dst = out[r]
-        for i in range(row.shape[0]):
-            dst[i] = row[i] * inv * weight[i]
+        _rms_normalize(row, weight, eps, out[r])
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
@@ -195,10 +200,7 @@ def _rotary_write_kv_kernel(
         for h in range(heads):
             src = qkv[t, h]
             if has_norm:
-                weight = q_weight if h < num_heads else k_weight
-                inv = _inv_rms(src, eps)
-                for i in range(src.shape[0]):
-                    normed[i] = src[i] * inv * weight[i]
+                _rms_normalize(src, q_weight if h < num_heads else k_weight, eps, normed)
                 src = normed
             dst = qkv[t, h] if h < num_heads else k_rows[slot, h - num_heads]
             _rotate(src, cos_sin, True, rotated)
@@ -238,8 +240,9 @@ def _silu_and_mul_kernel(x: np.ndarray, out: np.ndarray) -> None:
 # (``Tensor.numpy`` is free of copies; numpy's ``reshape`` costs a sixth of torch's ``view``).
 
 
-def _plain_f32(*tensors: torch.Tensor) -> bool:
-    """Whether every tensor is a CPU float32 tensor numba may read and write (no autograd)."""
+def plain_f32(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is a CPU float32 tensor numba may read and write (no autograd);
+    the CPU decode attention checks its operands with it too."""
     return all(t.is_cpu and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
 
 
@@ -255,7 +258,7 @@ def rms_norm_cpu_supported(
     residual of their shape), a float32 weight of one row's size."""
     operands = (x,) if residual is None else (x, residual)
     return (
-        _plain_f32(*operands)
+        plain_f32(*operands)
         and x.dim() >= 1
         and x.numel() > 0
         and _vector_f32(weight, x.shape[-1])
@@ -300,7 +303,7 @@ def rotary_cpu_supported(
     """Whether ``apply_rotary_cpu`` handles these operands: CPU float32 ``[T, heads, D]`` views
     (slices of a fused QKV output qualify) and table."""
     return (
-        _plain_f32(q, k, cos_sin_cache)
+        plain_f32(q, k, cos_sin_cache)
         and q.dim() == k.dim() == 3
         and q.shape[0] == k.shape[0] > 0
         and k.shape[2] == q.shape[2]
@@ -336,7 +339,7 @@ def rotary_write_kv_cpu_supported(
     table, float32 q/k norm weights of ``D`` values."""
     head_dim = qkv.shape[-1]
     return (
-        _plain_f32(qkv, cos_sin_cache, k_cache, v_cache)
+        plain_f32(qkv, cos_sin_cache, k_cache, v_cache)
         and qkv.dim() == 3
         and qkv.shape[0] > 0
         and qkv.shape[1] == num_heads + 2 * num_kv_heads
@@ -390,7 +393,7 @@ def rotary_write_kv_cpu(
 def silu_and_mul_cpu_supported(x: torch.Tensor) -> bool:
     """Whether ``silu_and_mul_cpu`` handles ``x``: contiguous CPU float32 rows of even size."""
     return (
-        _plain_f32(x)
+        plain_f32(x)
         and x.dim() >= 1
         and x.numel() > 0
         and x.shape[-1] % 2 == 0

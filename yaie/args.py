@@ -55,7 +55,6 @@ class EngineArgs:
         values.update(overrides)
         return cls(**values)
 
-
     def context_limit(self, model_limit: int) -> int:
         """The longest context (prompt + output) a request may have: ``max_model_len``, never
         past what the model was trained for (``model_limit``)."""

@@ -138,10 +138,9 @@ def _decode_rows(batch: int, context: int, copy_gbps: float, iters: int,
     plans = [_decode.DecodePlan(*p) for p in fixed]
     for plan in [auto] + [p for p in plans if p != auto]:
         us = _median_us(lambda plan=plan: paged.decode(plan), iters)
-        label = "auto, " if plan == auto else ""
-        parts = plan.parts
-        split = f"{parts} parts of {-(-context // parts)}" if parts > 1 else "no split"
-        label = f"{label}{plan.warps} warps, {split}"
+        split = (f"{plan.parts} parts of {-(-context // plan.parts)}" if plan.parts > 1
+                 else "no split")
+        label = f"{'auto, ' if plan == auto else ''}{plan.warps} warps, {split}"
         gbps = kv_bytes / us / 1e3
         rows.append(AttentionRow(
             f"paged decode ({label})",

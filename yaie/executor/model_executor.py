@@ -118,9 +118,8 @@ class ModelExecutor:
         )
         executor = cls(model, model_config, plan, device, dtype, args.seed, hf_config)
         if graphs:
-            max_len = args.max_model_len or model_config.max_position_embeddings
             executor.graphs = DecodeGraphs(
-                model, args.max_num_seqs, min(max_len, model_config.max_position_embeddings),
+                model, args.max_num_seqs, args.context_limit(model_config.max_position_embeddings),
                 args.block_size,
             )
         return executor
