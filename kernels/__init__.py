@@ -5,8 +5,9 @@ is also the CPU path wherever the numba CPU kernels below don't apply; CUDA kern
 (numba.cuda) slot in behind the same dispatch functions and are tested against the references.
 Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` / ``fused_add_layer_norm`` (GPT-2),
 ``apply_rotary`` (with ``build_cos_sin_cache``), ``silu_and_mul``, ``gelu_tanh`` (GPT-2),
-``write_kv``, ``rotary_write_kv`` (q/k norm + rotary + ``write_kv`` in one kernel, the Llama
-family's path), ``paged_attention``, ``copy_blocks`` (copy-on-write), and ``linear`` (GEMMs
+``write_kv``, ``rotary_write_kv`` (q/k norm + rotary + ``write_kv`` in one kernel),
+``paged_attention``, ``rotary_paged_attention`` (the two, the Llama family's path: one decode
+kernel for decode-only CUDA steps), ``copy_blocks`` (copy-on-write), and ``linear`` (GEMMs
 stay on torch: cuBLAS on CUDA, oneDNN on packed weights on the CPU, except decodes of 1-2 rows,
 which take the numba GEMV of ``yaie.kernels.linear``). On fp32 CPU tensors the elementwise ops
 (RMSNorm alone and fused, rotary, ``rotary_write_kv``, SiLU-and-mul) run numba CPU kernels
@@ -27,7 +28,12 @@ attention as a strided ``[heads, tokens, head_dim]`` view. Cache memory must hol
 """
 
 from yaie.kernels.activation import gelu_tanh, silu_and_mul
-from yaie.kernels.attention import DecodeGroup, PrefillSegment, paged_attention
+from yaie.kernels.attention import (
+    DecodeGroup,
+    PrefillSegment,
+    paged_attention,
+    rotary_paged_attention,
+)
 from yaie.kernels.block_copy import copy_blocks
 from yaie.kernels.kv_cache import write_kv
 from yaie.kernels.layer_norm import fused_add_layer_norm, layer_norm
@@ -50,6 +56,7 @@ __all__ = [
     "pack_weight",
     "paged_attention",
     "rms_norm",
+    "rotary_paged_attention",
     "rotary_write_kv",
     "silu_and_mul",
     "write_kv",

@@ -35,9 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from yaie.kernels.decode_attention import decode_supported, paged_decode_attention
+from yaie.kernels.decode_attention import (
+    DecodeRope,
+    decode_supported,
+    paged_decode_attention,
+    rope_supported,
+)
 from yaie.kernels.decode_attention_cpu import cpu_decode_supported, paged_decode_attention_cpu
 from yaie.kernels.prefill_attention import paged_prefill_attention, prefill_supported
+from yaie.kernels.rotary_kv import QKNorm, rotary_write_kv
 
 PREFILL_BACKEND: Literal["torch", "numba"] = "torch"
 """Who runs prefill chunks on the GPU: torch, whose attention runs on the tensor cores. Measured
@@ -46,6 +52,12 @@ prompt took 17.8 ms in the numba kernel (7.7 TFLOP/s, fp32 on the CUDA cores) ag
 on the torch path (gather + SDPA, 491 TFLOP/s); 512 tokens over a 3,584-token cached prefix,
 5.2 ms against 0.14 ms."""
 
+
+DECODE_ROPE_IN_KERNEL = True
+"""Whether decode-only CUDA steps do rotary and the K/V store inside the decode kernel
+(``rotary_paged_attention``); off, they run ``rotary_write_kv`` first, as mixed steps do.
+Measured on an H100 (``python scripts/decode_latency.py --rope-ab``): Qwen3-0.6B batch 1
+1.41 ms/step on, 1.46 off; Llama-3.1-8B batch 1 6.41 on, 6.51 off (guide.md, chapter 16)."""
 
 _PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 """SDPA backends for prefill on CUDA: not cuDNN, which builds a plan for every new sequence
@@ -91,6 +103,7 @@ class DecodeGroup:
 class PagedAttentionMetadata(Protocol):
     """What ``paged_attention`` reads from a step's metadata (see ``AttentionMetadata``)."""
 
+    slot_mapping: torch.Tensor
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
@@ -238,3 +251,38 @@ def paged_attention(
     ):
         return paged_attention_kernels(q, k_cache, v_cache, meta, scale)
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+
+
+def rotary_paged_attention(
+    positions: torch.Tensor,
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+    qk_norm: QKNorm | None = None,
+) -> torch.Tensor:
+    """``rotary_write_kv`` then ``paged_attention``, from the QKV projection's output
+    ``qkv [T, Hq + 2 Hkv, D]``: the Llama family's attention after its projection.
+
+    A step of decodes only, on CUDA, runs both in the decode kernel (``DecodeRope``): each
+    block rotates its own query heads, and the block whose partition ends the context
+    normalises, rotates and stores its KV head's new key and value before reading the cache.
+    One launch a layer fewer, where at batch 1 a launch costs more than its work.
+    """
+    if qkv.is_cuda and not meta.prefills and DECODE_ROPE_IN_KERNEL:
+        q = qkv[:, :num_heads]
+        rope = DecodeRope(qkv[:, num_heads:], positions, cos_sin_cache, meta.slot_mapping, qk_norm)
+        if rope_supported(q, k_cache, v_cache, rope):
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            paged_decode_attention(
+                q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens,
+                meta.query_start_loc, meta.decode_ids, meta.max_seq_len, scale, rope=rope,
+            )
+            return out
+    q = rotary_write_kv(positions, qkv, num_heads, num_kv_heads, cos_sin_cache, k_cache,
+                        v_cache, meta.slot_mapping, qk_norm)
+    return paged_attention(q, k_cache, v_cache, meta, scale)

@@ -138,9 +138,8 @@ class _PagedBatch:
 
     def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
         heads, kv_heads, head_dim = shape
-        self.q = torch.randn(7, heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)[
-            :, :heads
-        ]
+        self.qkv = torch.randn(7, heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)
+        self.q = self.qkv[:, :heads]
         self.out = torch.empty(self.q.shape, dtype=dtype, device=device)
         cache = (8, _BLOCK_SIZE, kv_heads, head_dim)
         self.k_cache = torch.randn(cache, dtype=dtype, device=device)
@@ -151,11 +150,21 @@ class _PagedBatch:
         self.query_start_loc = torch.tensor([0, 1, 2, 7], **ints)
         self.scale = head_dim**-0.5
 
-    def decode(self, plan: _decode.DecodePlan) -> None:
-        ids = torch.tensor([0, 1], dtype=torch.int32, device=self.q.device)
+    def decode(self, plan: _decode.DecodePlan, rope: bool = False) -> None:
+        """The two decodes; ``rope``: as a decode-only step of a Llama model runs them, with
+        rotary and the K/V store in the kernel (``DecodeRope``)."""
+        device = self.q.device
+        ids = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        with_rope = None
+        if rope:
+            head_dim, heads = self.q.shape[2], self.q.shape[1]
+            table = _rotary.build_cos_sin_cache(head_dim, 64, 10000.0, None, self.q.dtype)
+            slots = torch.tensor([39, 55, -1, -1, -1, -1, -1], device=device)
+            with_rope = _decode.DecodeRope(self.qkv[:, heads:], torch.arange(7, device=device),
+                                           table.to(device), slots)
         _decode.paged_decode_attention(
             self.q, self.k_cache, self.v_cache, self.out, self.block_tables, self.seq_lens,
-            self.query_start_loc, ids, 40, self.scale, plan, min_part_tokens=16,
+            self.query_start_loc, ids, 40, self.scale, plan, min_part_tokens=16, rope=with_rope,
         )
 
     def prefill(self) -> None:
@@ -172,20 +181,21 @@ def attention_warmups(shape: tuple[int, int, int]) -> list[Warmup]:
     heads, kv_heads, head_dim = shape
     group, label = heads // kv_heads, f"{heads}/{kv_heads}x{head_dim}"
 
-    def decode(plan: _decode.DecodePlan) -> Warmup:
+    def decode(plan: _decode.DecodePlan, rope: bool) -> Warmup:
         split = plan.parts > 1
+        mode = _decode.ROPE if rope else _decode.NO_ROPE
+        what = f"{'split-KV' if split else 'whole'}{', rotary' if rope else ''}"
         return Warmup(
-            f"  split-KV, {plan.warps} warps" if split
-            else f"paged decode {label}, {plan.warps} warps",
+            f"paged decode {label}, {plan.warps} warps, {what}",
             lambda dtype: _decode.decode_kernel(
-                KINDS[dtype], group, head_dim, _BLOCK_SIZE, split, plan.warps
+                KINDS[dtype], group, head_dim, _BLOCK_SIZE, split, plan.warps, mode
             ),
-            lambda dtype, device: _PagedBatch(shape, dtype, device).decode(plan),
+            lambda dtype, device: _PagedBatch(shape, dtype, device).decode(plan, rope),
         )
 
     return [
-        *(decode(_decode.DecodePlan(warps, parts))
-          for warps in _decode.WARP_CHOICES for parts in (1, 3)
+        *(decode(_decode.DecodePlan(warps, parts), rope)
+          for warps in _decode.WARP_CHOICES for rope in (False, True) for parts in (1, 3)
           if _decode.decode_fits(group, head_dim, warps)),
         Warmup(f"paged prefill {label}",
                lambda dtype: _prefill.prefill_kernel(KINDS[dtype], group, head_dim, _BLOCK_SIZE),

@@ -29,6 +29,8 @@ decode_mod = importlib.import_module("yaie.kernels.decode_attention")
 prefill_mod = importlib.import_module("yaie.kernels.prefill_attention")
 flash_mod = importlib.import_module("yaie.kernels.flash_attention")
 copy_mod = importlib.import_module("yaie.kernels.block_copy")
+rotary_kv_mod = importlib.import_module("yaie.kernels.rotary_kv")
+rotary_mod = importlib.import_module("yaie.kernels.rotary")
 
 # --- a paged batch and its float64 reference ----------------------------------------------------
 
@@ -112,6 +114,59 @@ def check_decode(batch: Batch, plan: tuple[int, int] | None,
     check(out.cpu(), batch.ref, batch.q.dtype)
 
 
+def check_rotary_decode(batch: Batch, qk_norm: bool, plan: tuple[int, int] | None,
+                        dispatch: bool = False) -> None:
+    """The decode kernel with ``DecodeRope`` (raw QKV in, new K/V stored by the kernel)
+    against ``rotary_write_kv_reference`` then the attention reference, in float64: the
+    output, the new tokens' cache rows, and every other cache row left as it was.
+    ``dispatch`` goes through the model's entry point, ``rotary_paged_attention``."""
+    dtype, device = batch.q.dtype, batch.q.device
+    heads, kv_heads, head_dim = batch.q.shape[1], batch.k_cache.shape[2], batch.q.shape[2]
+    qkv = torch.randn(batch.q.shape[0], heads + 2 * kv_heads, head_dim).to(dtype)
+    table = rotary_mod.build_cos_sin_cache(head_dim, 8192, 500000.0, None, dtype)
+    positions = batch.cpu_meta.seq_lens[batch.cpu_meta.decode_ids].long() - 1
+    slots = batch.cpu_meta.slot_mapping
+    norm = None
+    if qk_norm:
+        norm = (torch.randn(head_dim).to(dtype), torch.randn(head_dim).to(dtype), 1e-6)
+    before = [c.cpu().flatten(0, 1) for c in (batch.k_cache, batch.v_cache)]
+
+    ref_caches = [c.double() for c in before]
+    ref_q = rotary_kv_mod.rotary_write_kv_reference(
+        positions, qkv.double(), heads, kv_heads, table.double(),
+        *(c.view(-1, batch.k_cache.shape[1], kv_heads, head_dim) for c in ref_caches), slots,
+        None if norm is None else (norm[0].double(), norm[1].double(), norm[2]),
+    )
+    ref = attention_mod.paged_attention_reference(
+        ref_q, *(c.view(-1, batch.k_cache.shape[1], kv_heads, head_dim) for c in ref_caches),
+        batch.cpu_meta, batch.scale,
+    )
+
+    qkv_dev, m = qkv.to(device), batch.meta
+    weights = None if norm is None else (norm[0].to(device), norm[1].to(device), norm[2])
+    if dispatch:
+        out = attention_mod.rotary_paged_attention(
+            positions.to(device), qkv_dev, heads, kv_heads, table.to(device), batch.k_cache,
+            batch.v_cache, m, batch.scale, weights,
+        )
+    else:
+        out = batch.poisoned()
+        rope = decode_mod.DecodeRope(qkv_dev[:, heads:], positions.to(device), table.to(device),
+                                     m.slot_mapping, weights)
+        decode_mod.paged_decode_attention(
+            qkv_dev[:, :heads], batch.k_cache, batch.v_cache, out, m.block_tables, m.seq_lens,
+            m.query_start_loc, m.decode_ids, m.max_seq_len, batch.scale,
+            plan and decode_mod.DecodePlan(*plan), rope=rope,
+        )
+    check(out.cpu(), ref, dtype)
+    for got, want, old in zip((batch.k_cache, batch.v_cache), ref_caches, before):
+        got = got.cpu().flatten(0, 1)
+        check(got[slots], want[slots], dtype)
+        others = torch.ones(len(got), dtype=torch.bool)
+        others[slots] = False
+        assert torch.equal(got[others], old[others]), "a cache row outside the new slots changed"
+
+
 def check_mixed(batch: Batch) -> None:
     """Decode and prefill kernels together cover every row of a mixed batch."""
     out = batch.poisoned()
@@ -175,6 +230,21 @@ def test_sim_decode(
     # the filled ones) or one (written directly).
     batch = Batch([(37, 1), (5, 1), (70, 1)], heads, kv_heads, 64, block_size, dtype, "cpu")
     check_decode(batch, plan, min_part)
+
+
+@sim
+@pytest.mark.parametrize(
+    ("dtype", "qk_norm", "plan"),
+    [
+        (torch.bfloat16, True, (3, 1)),  # Qwen3's q/k norms, whole contexts
+        (torch.float32, False, (6, 3)),  # rotary only, split: only the last partition stores
+    ],
+)
+def test_sim_decode_with_rotary_and_kv_store(
+    dtype: torch.dtype, qk_norm: bool, plan: tuple[int, int]
+) -> None:
+    batch = Batch([(37, 1), (5, 1), (70, 1)], 4, 2, 64, 16, dtype, "cpu")
+    check_rotary_decode(batch, qk_norm, plan)
 
 
 @sim
@@ -263,6 +333,19 @@ def test_gpu_decode_other_shapes(heads: int, kv_heads: int, head_dim: int,
     batch = Batch(_long_decodes(5, 3000, 2), heads, kv_heads, head_dim, block_size,
                   torch.bfloat16, "cuda")
     check_decode(batch, None)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "plain"])
+@pytest.mark.parametrize("plan", [None, (3, 5)], ids=["auto", "split"])
+def test_gpu_decode_with_rotary_and_kv_store(
+    dtype: torch.dtype, qk_norm: bool, plan: tuple[int, int] | None
+) -> None:
+    batch = Batch(_long_decodes(12, 3000, 4), HEADS, KV_HEADS, HEAD_DIM, 16, dtype, "cuda")
+    check_rotary_decode(batch, qk_norm, plan)
+    qwen3 = Batch(_long_decodes(3, 500, 5), 16, 8, 128, 16, dtype, "cuda")
+    check_rotary_decode(qwen3, qk_norm, None, dispatch=True)
 
 
 @gpu

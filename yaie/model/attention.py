@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from yaie.kernels import DecodeGroup, PrefillSegment, paged_attention, write_kv
+from yaie.kernels import (
+    DecodeGroup,
+    PrefillSegment,
+    paged_attention,
+    rotary_paged_attention,
+    write_kv,
+)
+from yaie.kernels.rotary_kv import QKNorm
 
 # A new decode group must save at least this many padded positions (see _group_by_length).
 _MIN_SPLIT_SAVING = 512
@@ -197,7 +204,17 @@ class Attention(nn.Module):
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.attend(q, meta)
 
+    def rotary_attend(
+        self, positions: torch.Tensor, qkv: torch.Tensor, cos_sin_cache: torch.Tensor,
+        meta: AttentionMetadata, qk_norm: QKNorm | None,
+    ) -> torch.Tensor:
+        """Attention from the QKV projection's output ``qkv [T, Hq + 2 Hkv, D]``: q/k norms
+        (``qk_norm``), rotary and the K/V store first (``yaie.kernels.rotary_paged_attention``,
+        one kernel for decode-only CUDA steps)."""
+        return rotary_paged_attention(positions, qkv, self.num_heads, self.num_kv_heads,
+                                      cos_sin_cache, self.k_cache, self.v_cache, meta,
+                                      self.scale, qk_norm)
+
     def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention of ``q [T, Hq, D]`` over a cache that already holds this step's K/V (a
-        fused kernel stored them, see ``yaie.kernels.rotary_write_kv``)."""
+        """Attention of ``q [T, Hq, D]`` over a cache that already holds this step's K/V."""
         return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from yaie.kernels import build_cos_sin_cache, rotary_write_kv, silu_and_mul
+from yaie.kernels import build_cos_sin_cache, silu_and_mul
 from yaie.model.attention import Attention, AttentionMetadata
 from yaie.model.causal_lm import CausalLM, ParamSlice
 from yaie.model.config import ModelConfig
@@ -68,10 +68,7 @@ class LlamaAttention(nn.Module):
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
-        attn = self.attn
-        q = rotary_write_kv(positions, qkv, self.num_heads, self.num_kv_heads, cos_sin_cache,
-                            attn.k_cache, attn.v_cache, meta.slot_mapping, norms)
-        out = attn.attend(q, meta)
+        out = self.attn.rotary_attend(positions, qkv, cos_sin_cache, meta, norms)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
