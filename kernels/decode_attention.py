@@ -572,10 +572,10 @@ def decode_kernel(kind: int, group: int, head_dim: int, block_size: int, split: 
             if end == seq_len:
                 newest = np.uint64(seq_len - 1)
                 kf = cuda.local.array((1, per_lane), np.float32)
+                value_head = kv_stride // row_words + kv_head  # after the Hkv key heads
                 for j in range(wpl):
                     word = np.uint64(new_kv[row, kv_head, gl + lanes * j])
-                    v_new[j] = np.uint64(new_kv[row, kv_stride // row_words + kv_head,
-                                                gl + lanes * j])
+                    v_new[j] = np.uint64(new_kv[row, value_head, gl + lanes * j])
                     for e in range(vec):
                         kf[0, j * vec + e] = unpack(word, e, kind)
                 k_squares = cuda.local.array((1, 1), np.float32)
