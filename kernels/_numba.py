@@ -351,6 +351,13 @@ def pack(value, j, kind):
 
 
 @cuda.jit(device=True)
+def rounded(value, kind):
+    """float32 ``value`` rounded to ``kind`` and back: what storing and reloading it would give
+    (fused kernels round where the unfused ops store, so both compute the same function)."""
+    return unpack(pack(value, 0, kind), 0, kind)
+
+
+@cuda.jit(device=True)
 def load_element(bits, kind):
     """One value read through ``elements`` (uint16 or uint32 bits) as float32."""
     if kind == F32:

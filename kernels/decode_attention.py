@@ -105,12 +105,14 @@ from yaie.kernels._numba import (
     cuda,
     integers,
     pack,
+    rounded,
     runs_here,
     stream_for,
     unpack,
     words,
     words_fit,
 )
+from yaie.kernels.rotary_kv import QKNorm, rope_operands_fit
 
 RESIDENT_WARPS = 12
 """Decode warps resident per multiprocessor. The bf16, GQA-4, head-dim-128 kernel takes 168
@@ -175,7 +177,7 @@ class DecodeRope:
     positions: torch.Tensor
     cos_sin_cache: torch.Tensor
     slot_mapping: torch.Tensor
-    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    qk_norm: QKNorm | None = None
 
 
 @functools.cache
@@ -368,8 +370,7 @@ def _norm_rotate(x, squares, weight, cos_sin, pos, eps, gl, lanes, rope, kind):
                 w = np.uint64(weight[gl + lanes * j])
                 for e in range(vec):
                     d = j * vec + e
-                    x[r, d] = unpack(pack(x[r, d] * inv_rms * unpack(w, e, kind), 0, kind), 0,
-                                     kind)
+                    x[r, d] = rounded(x[r, d] * inv_rms * unpack(w, e, kind), kind)
     for j in range(half):
         cos_word = np.uint64(cos_sin[pos, 0, gl + lanes * j])
         sin_word = np.uint64(cos_sin[pos, 1, gl + lanes * (j + half)])
@@ -379,8 +380,8 @@ def _norm_rotate(x, squares, weight, cos_sin, pos, eps, gl, lanes, rope, kind):
             for r in range(x.shape[0]):
                 a = x[r, j * vec + e]
                 b = x[r, (j + half) * vec + e]
-                x[r, j * vec + e] = unpack(pack(a * c - b * s, 0, kind), 0, kind)
-                x[r, (j + half) * vec + e] = unpack(pack(b * c + a * s, 0, kind), 0, kind)
+                x[r, j * vec + e] = rounded(a * c - b * s, kind)
+                x[r, (j + half) * vec + e] = rounded(b * c + a * s, kind)
 
 
 @cuda.jit(device=True)
@@ -831,19 +832,12 @@ def rope_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     kind = KINDS.get(q.dtype)
     layout = lane_layout(kind, q.shape[2]) if kind is not None else None
     num_kv_heads, head_dim = k_cache.shape[2], q.shape[2]
-    weights = () if rope.qk_norm is None else rope.qk_norm[:2]
     return (
         layout is not None
         and layout[1] % 2 == 0
         and decode_supported(q, k_cache, v_cache)
         and rope.new_kv.shape == (q.shape[0], 2 * num_kv_heads, head_dim)
         and words_fit(rope.new_kv)
-        and rope.cos_sin_cache.dtype == q.dtype
-        and rope.cos_sin_cache.is_contiguous()
-        and rope.cos_sin_cache.shape[1:] == (2, head_dim)
-        and rope.positions.shape == rope.slot_mapping.shape == (q.shape[0],)
-        and not rope.positions.is_floating_point()
-        and not rope.slot_mapping.is_floating_point()
-        and all(w.dtype == q.dtype and w.shape == (head_dim,) and w.is_contiguous()
-                for w in weights)
+        and rope_operands_fit(rope.positions, rope.slot_mapping, rope.cos_sin_cache,
+                              rope.qk_norm, q.dtype, q.shape[0], head_dim)
     )

@@ -35,6 +35,7 @@ from yaie.kernels._numba import (
     integers,
     pack,
     per_word,
+    rounded,
     runs_here,
     stream_for,
     unpack,
@@ -105,12 +106,6 @@ rounds (up to 1,024 head-group lanes: 64 bf16 heads of 128). Small blocks keep m
 in flight per multiprocessor when a prefill brings thousands: one 768-thread block per token
 ran a 4,096-token Llama-3-8B step at a third of the copy bandwidth (97.5 µs, H100)."""
 _OPTIONS = {} if SIMULATOR else {"launch_bounds": _THREADS}
-
-
-@cuda.jit(device=True)
-def _rounded(value, kind):
-    """``value`` rounded to the activation dtype (what storing and reloading it would give)."""
-    return unpack(pack(value, 0, kind), 0, kind)
 
 
 @cuda.jit(device=True)
@@ -185,8 +180,8 @@ def _rotary_kv_token(positions, qkv, qkv_strides, cos_sin, q_weight, k_weight, k
                     a = unpack(x0, e, kind)
                     b = unpack(x1, e, kind)
                     if norm:
-                        a = _rounded(a * inv_rms * unpack(w0, e, kind), kind)
-                        b = _rounded(b * inv_rms * unpack(w1, e, kind), kind)
+                        a = rounded(a * inv_rms * unpack(w0, e, kind), kind)
+                        b = rounded(b * inv_rms * unpack(w1, e, kind), kind)
                     c = unpack(cos_word, e, kind)
                     s = unpack(sin_word, e, kind)
                     out0 |= pack(a * c - b * s, e, kind)
@@ -283,28 +278,48 @@ def numba_supports(
         return False
     head_dim = qkv.shape[-1]
     half = head_dim * qkv.element_size() // 16
-    weights = () if qk_norm is None else qk_norm[:2]
     return (
         runs_here(qkv)
-        and qkv.shape[0] == positions.shape[0] == slot_mapping.shape[0] > 0
+        and qkv.shape[0] > 0
         and qkv.shape[1] == num_heads + 2 * num_kv_heads
         and head_dim * qkv.element_size() % 16 == 0
         and 1 <= half <= 32
         and 32 % half == 0
         and qkv.shape[1] * half <= _THREADS * _ROUNDS
         and words_fit(qkv)
-        and cos_sin_cache.dtype == k_cache.dtype == v_cache.dtype == qkv.dtype
-        and cos_sin_cache.is_contiguous()
-        and cos_sin_cache.shape[1:] == (2, head_dim)
+        and k_cache.dtype == v_cache.dtype == qkv.dtype
         and k_cache.shape == v_cache.shape
         and k_cache.shape[2:] == (num_kv_heads, head_dim)
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
-        and all(w.dtype == qkv.dtype and w.shape == (head_dim,) and w.is_contiguous()
-                for w in weights)
-        and positions.dim() == slot_mapping.dim() == 1
+        and rope_operands_fit(positions, slot_mapping, cos_sin_cache, qk_norm, qkv.dtype,
+                              qkv.shape[0], head_dim)
+    )
+
+
+def rope_operands_fit(
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    qk_norm: QKNorm | None,
+    dtype: torch.dtype,
+    tokens: int,
+    head_dim: int,
+) -> bool:
+    """Whether the operands beside the QKV output and the caches suit a numba kernel that
+    rotates (this module's, and the decode kernel's ``DecodeRope``): integer ``positions`` and
+    ``slot_mapping`` of ``tokens``, a contiguous ``[max_pos, 2, head_dim]`` table and
+    contiguous q/k norm weights of ``head_dim``, all in ``dtype``."""
+    weights = () if qk_norm is None else qk_norm[:2]
+    return (
+        positions.shape == slot_mapping.shape == (tokens,)
         and not positions.is_floating_point()
         and not slot_mapping.is_floating_point()
+        and cos_sin_cache.dtype == dtype
+        and cos_sin_cache.is_contiguous()
+        and cos_sin_cache.shape[1:] == (2, head_dim)
+        and all(w.dtype == dtype and w.shape == (head_dim,) and w.is_contiguous()
+                for w in weights)
     )
 
 
