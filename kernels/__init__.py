@@ -7,9 +7,12 @@ Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` / ``fused_add_layer_n
 ``apply_rotary`` (with ``build_cos_sin_cache``), ``silu_and_mul``, ``gelu_tanh`` (GPT-2),
 ``write_kv``, ``rotary_write_kv`` (q/k norm + rotary + ``write_kv`` in one kernel),
 ``paged_attention``, ``rotary_paged_attention`` (the two, the Llama family's path: one decode
-kernel for decode-only CUDA steps), ``copy_blocks`` (copy-on-write), and ``linear`` (GEMMs
+kernel for decode-only CUDA steps), ``copy_blocks`` (copy-on-write), ``argmax`` (greedy
+sampling over the vocabulary), and ``linear`` (GEMMs
 stay on torch: cuBLAS on CUDA, oneDNN on packed weights on the CPU, except decodes of 1-2 rows,
-which take the numba GEMV of ``yaie.kernels.linear``). On fp32 CPU tensors the elementwise ops
+which take the numba GEMV of ``yaie.kernels.linear``) with ``linear_partials``, its split-K
+form for CUDA projections of a few rows whose sum the residual add takes in
+(``fused_add_rms_norm`` accepts ``[S, T, H]`` partial sums). On fp32 CPU tensors the elementwise ops
 (RMSNorm alone and fused, rotary, ``rotary_write_kv``, SiLU-and-mul) run numba CPU kernels
 (``yaie.kernels.elementwise_cpu``), and decodes attend in one
 (``yaie.kernels.decode_attention_cpu``). ``yaie.kernels.cpu`` holds what the CPU path needs of
@@ -28,6 +31,7 @@ attention as a strided ``[heads, tokens, head_dim]`` view. Cache memory must hol
 """
 
 from yaie.kernels.activation import gelu_tanh, silu_and_mul
+from yaie.kernels.argmax import argmax
 from yaie.kernels.attention import (
     DecodeGroup,
     PrefillSegment,
@@ -37,7 +41,7 @@ from yaie.kernels.attention import (
 from yaie.kernels.block_copy import copy_blocks
 from yaie.kernels.kv_cache import write_kv
 from yaie.kernels.layer_norm import fused_add_layer_norm, layer_norm
-from yaie.kernels.linear import linear, pack_weight
+from yaie.kernels.linear import linear, linear_partials, pack_weight
 from yaie.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from yaie.kernels.rotary import apply_rotary, build_cos_sin_cache
 from yaie.kernels.rotary_kv import rotary_write_kv
@@ -46,6 +50,7 @@ __all__ = [
     "DecodeGroup",
     "PrefillSegment",
     "apply_rotary",
+    "argmax",
     "build_cos_sin_cache",
     "copy_blocks",
     "fused_add_layer_norm",
@@ -53,6 +58,7 @@ __all__ = [
     "gelu_tanh",
     "layer_norm",
     "linear",
+    "linear_partials",
     "pack_weight",
     "paged_attention",
     "rms_norm",

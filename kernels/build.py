@@ -37,6 +37,7 @@ _rms_norm = importlib.import_module("yaie.kernels.rms_norm")
 _rotary = importlib.import_module("yaie.kernels.rotary")
 _rotary_kv = importlib.import_module("yaie.kernels.rotary_kv")
 _activation = importlib.import_module("yaie.kernels.activation")
+_argmax = importlib.import_module("yaie.kernels.argmax")
 _kv_cache = importlib.import_module("yaie.kernels.kv_cache")
 _decode = importlib.import_module("yaie.kernels.decode_attention")
 _prefill = importlib.import_module("yaie.kernels.prefill_attention")
@@ -78,7 +79,9 @@ def _run_qk_norm(dtype: torch.dtype, device: torch.device) -> None:
 
 
 def _run_fused_add_rms_norm(dtype: torch.dtype, device: torch.device) -> None:
-    x, residual = torch.randn(2, _TOKENS, _HIDDEN, dtype=dtype, device=device)
+    """One launch serves both of the engine's calls: ``x`` plain or split-K partial sums."""
+    x = torch.randn(2, _TOKENS, _HIDDEN, dtype=dtype, device=device)
+    residual = torch.randn(_TOKENS, _HIDDEN, dtype=dtype, device=device)
     weight = torch.ones(_HIDDEN, dtype=dtype, device=device)
     _rms_norm.fused_add_rms_norm_numba(x, residual, weight, 1e-6)
 
@@ -203,6 +206,11 @@ def attention_warmups(shape: tuple[int, int, int]) -> list[Warmup]:
     ]
 
 
+def _run_argmax(dtype: torch.dtype, device: torch.device) -> None:
+    """The sampler's argmax: logits are fp32 whatever the model's dtype (``compute_logits``)."""
+    _argmax.argmax_numba(torch.randn(2, 2 * _argmax.CHUNK + 1, device=device))
+
+
 def _run_copy_blocks(dtype: torch.dtype, device: torch.device) -> None:
     cache = torch.randn(4, _BLOCK_SIZE, _KV_HEADS, _HEAD_DIM, dtype=dtype, device=device)
     src, dst = torch.tensor([[0], [2]], device=device)
@@ -245,6 +253,7 @@ WARMUPS: list[Warmup] = [
     ),
     Warmup("gelu_tanh", _activation.GELU_TANH_KERNELS.__getitem__, _run_gelu_tanh),
     Warmup("copy_blocks", lambda dtype: _block_copy.copy_blocks_kernel, _run_copy_blocks),
+    Warmup("argmax (fp32 logits)", lambda dtype: _argmax.argmax_f32, _run_argmax),
     *(w for shape in ATTENTION_SHAPES for w in attention_warmups(shape)),
 ]
 

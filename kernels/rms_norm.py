@@ -6,6 +6,10 @@ thousand channels loses enough precision to shift logits visibly.
 The numba kernel gives each row to one block, whose threads hold the row in registers between
 the sum of squares and the normalization: device memory sees each input byte once and each
 output byte once, where the torch reference runs five kernels with fp32 temporaries.
+
+The fused add also takes the sub-layer's output as split-K partial products (``[S, T, H]``,
+``yaie.kernels.linear.linear_partials``): it adds all ``S`` of them into the residual, so the
+split GEMM's reduction costs no launch of its own.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ _WORDS_PER_THREAD = 8
 A Llama-3-8B row (4,096 bf16 values, 1,024 words) takes a block of 128 threads: small blocks,
 many resident per multiprocessor, each with its whole row's loads in flight at once."""
 
+MAX_PARTIALS = 4
+"""Most split-K partial products the fused add takes (``yaie.kernels.linear`` splits 2 or 4 ways)."""
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight`` over the last dim, in fp32, returned in ``x``'s dtype."""
@@ -54,10 +61,19 @@ def fused_add_rms_norm_reference(
     """``residual += x`` in place, then return ``rms_norm(residual)``.
 
     The decoder keeps one residual stream per step and folds each sub-layer's output into it
-    here, so the stream is updated without allocating a new tensor per layer.
+    here, so the stream is updated without allocating a new tensor per layer. ``x`` is
+    ``residual``-shaped, or ``[S, *residual.shape]`` partial sums (``is_partials``), added in
+    fp32 and rounded once.
     """
+    if is_partials(x, residual):
+        x = x.sum(0, dtype=torch.promote_types(x.dtype, torch.float32))
     residual.add_(x)
     return rms_norm_reference(residual, weight, eps)
+
+
+def is_partials(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether ``x`` is split-K partial sums of a ``residual``-shaped tensor (a leading dim)."""
+    return x.dim() == residual.dim() + 1 and x.shape[1:] == residual.shape
 
 
 # --- numba.cuda kernel ----------------------------------------------------------------------------
@@ -106,7 +122,8 @@ else:
 
 
 @cuda.jit(device=True)
-def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, kind):
+def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, kind, parts,
+                  part_stride):
     """One block normalizes one row of ``n_words = weight.size`` 8-byte words.
 
     Operands are flat word arrays; block ``(a, b)`` of the ``[A, B]`` grid owns the row of
@@ -130,6 +147,9 @@ def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, 
 
     Fused variant: ``x + residual`` is rounded to the activation dtype and stored back into
     ``residual`` (the reference's in-place add), and that rounded sum is what gets normalized.
+    With ``parts > 1``, ``x`` is that many partial sums ``part_stride`` words apart; all are
+    loaded with the rest (unrolled up to ``MAX_PARTIALS``, each load guarded, so they issue
+    together) and added before the rounding.
     Squares accumulate in fp32; a block reduction gives every thread ``1 / rms``; the output is
     ``x * inv_rms * weight``, rounded once.
     """
@@ -145,11 +165,15 @@ def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, 
     vec = per_word(kind)
 
     row = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
+    more = cuda.local.array((MAX_PARTIALS, _WORDS_PER_THREAD), np.uint64)  # partials 1..
     other = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
     w = cuda.local.array(_WORDS_PER_THREAD, np.uint64)
     for k in range(_WORDS_PER_THREAD):
         i = min(tid + np.uint64(k) * step, last)
         row[k] = np.uint64(x[x0 + i])
+        for p in range(1, MAX_PARTIALS):
+            if p < parts:
+                more[p, k] = np.uint64(x[x0 + np.uint64(p) * part_stride + i])
         if fused:
             other[k] = np.uint64(residual[res0 + i])
         w[k] = np.uint64(weight[i])
@@ -159,7 +183,11 @@ def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, 
         if fused:
             summed = np.uint64(0)
             for j in range(vec):
-                summed |= pack(unpack(row[k], j, kind) + unpack(other[k], j, kind), j, kind)
+                value = unpack(row[k], j, kind) + unpack(other[k], j, kind)
+                for p in range(1, MAX_PARTIALS):
+                    if p < parts:
+                        value += unpack(more[p, k], j, kind)
+                summed |= pack(value, j, kind)
             row[k] = summed
         squares = np.float32(0.0)
         for j in range(vec):
@@ -181,39 +209,46 @@ def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, 
             out[out0 + i] = normed
 
 
-# One kernel per dtype and variant: ``kind`` and ``fused`` must be compile-time constants
-# (see yaie.kernels._numba). Arguments: x, residual, weight, out as flat 8-byte-word arrays,
-# row strides (in words) of x and residual, eps float32; the grid is the [A, B] grid of rows.
+# One kernel per dtype and variant: ``kind`` and ``fused`` must be compile-time constants (see
+# yaie.kernels._numba). Arguments: x, residual, weight, out as flat 8-byte-word arrays, row
+# strides (in words) of x and residual, eps float32, and for the fused add the number of
+# partial sums in x and their distance in words; the grid is the [A, B] grid of rows.
 
 
 @cuda.jit(cache=True)
 def rms_norm_f32(x, x_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F32)
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F32, 1, np.uint64(0))
 
 
 @cuda.jit(cache=True)
 def rms_norm_bf16(x, x_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, BF16)
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, BF16, 1, np.uint64(0))
 
 
 @cuda.jit(cache=True)
 def rms_norm_f16(x, x_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F16)
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F16, 1, np.uint64(0))
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_f32(x, x_strides, residual, res_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F32)
+def fused_add_rms_norm_f32(x, x_strides, parts, part_stride, residual, res_strides, weight,
+                           out, eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F32, parts,
+                  part_stride)
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_bf16(x, x_strides, residual, res_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, BF16)
+def fused_add_rms_norm_bf16(x, x_strides, parts, part_stride, residual, res_strides, weight,
+                            out, eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, BF16, parts,
+                  part_stride)
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_f16(x, x_strides, residual, res_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F16)
+def fused_add_rms_norm_f16(x, x_strides, parts, part_stride, residual, res_strides, weight,
+                           out, eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F16, parts,
+                  part_stride)
 
 
 RMS_NORM_KERNELS = {
@@ -289,12 +324,19 @@ def fused_add_rms_norm_numba(
     eps: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The numba kernel's ``fused_add_rms_norm``: ``residual += x`` in place, returns the norm."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    flat, strides = _rows(x)
+    """The numba kernel's ``fused_add_rms_norm``: ``residual += x`` in place (``x`` may be
+    partial sums, ``is_partials``), returns the norm."""
+    out = torch.empty(residual.shape, dtype=x.dtype, device=x.device) if out is None else out
+    parts = x.shape[0] if is_partials(x, residual) else 1
+    if parts > 1:  # one flat span over all [S, T, H] partials; rows as the first one's
+        flat, (part_stride, row_stride) = flat_words(x)
+        strides = (row_stride, row_stride)
+    else:
+        (flat, strides), part_stride = _rows(x), 0
     res_flat, res_strides = _rows(residual)
-    _launch(FUSED_ADD_RMS_NORM_KERNELS[x.dtype], x, flat, strides, res_flat, res_strides,
-            words(weight), words(out.view(-1)), np.float32(eps))
+    _launch(FUSED_ADD_RMS_NORM_KERNELS[x.dtype], residual, flat, strides, np.uint64(parts),
+            np.uint64(part_stride), res_flat, res_strides, words(weight), words(out.view(-1)),
+            np.float32(eps))
     return out
 
 
@@ -319,7 +361,8 @@ def fused_add_rms_norm(
     if (
         x.is_cuda
         and numba_supports(x, weight)
-        and residual.shape == x.shape
+        and (residual.shape == x.shape
+             or is_partials(x, residual) and x.shape[0] <= MAX_PARTIALS and residual.dim() == 2)
         and residual.dtype == x.dtype
         and words_fit(residual)
     ):

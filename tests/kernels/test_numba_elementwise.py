@@ -54,9 +54,12 @@ def check_rms_norm(x: torch.Tensor) -> None:
     check(out, rms_norm_mod.rms_norm_reference(x.double(), weight.double(), eps), x.dtype)
 
 
-def check_fused_add_rms_norm(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> None:
+def check_fused_add_rms_norm(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str, partials: int = 0
+) -> None:
+    """``partials``: ``x`` is that many split-K partial sums ``[S, *shape]`` (0: plain)."""
     eps = 1e-5
-    x = torch.randn(shape, dtype=dtype, device=device)
+    x = torch.randn(((partials,) if partials else ()) + shape, dtype=dtype, device=device)
     residual = torch.randn(shape, dtype=dtype, device=device) * 4
     weight = torch.randn(shape[-1], dtype=dtype, device=device)
     residual_ref = residual.double()
@@ -183,6 +186,13 @@ def test_sim_fused_add_rms_norm(shape: tuple[int, int], dtype: torch.dtype) -> N
 
 @sim
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("partials", [2, 4])
+def test_sim_fused_add_rms_norm_sums_split_k_partials(partials: int, dtype: torch.dtype) -> None:
+    check_fused_add_rms_norm((3, 64), dtype, "cpu", partials)
+
+
+@sim
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(3, 1, 64), (1, 1, 128)])
 def test_sim_rotary(
@@ -277,6 +287,8 @@ def test_gpu_rms_norm(dtype: torch.dtype) -> None:
 def test_gpu_fused_add_rms_norm(dtype: torch.dtype) -> None:
     check_fused_add_rms_norm((TOKENS, HIDDEN), dtype, "cuda")
     check_fused_add_rms_norm((3, 2056), dtype, "cuda")
+    for partials in (2, 4):  # a decode step's split-K projections
+        check_fused_add_rms_norm((64, HIDDEN), dtype, "cuda", partials)
 
 
 @gpu

@@ -25,7 +25,12 @@ from yaie.kernels import (
     write_kv,
 )
 from yaie.kernels.attention import paged_attention_reference
-from yaie.kernels.linear import GEMV_MAX_ROWS
+from yaie.kernels.linear import (
+    GEMV_MAX_ROWS,
+    linear_partials,
+    split_k_parts,
+    split_k_products,
+)
 from yaie.model.attention import AttentionMetadata
 
 
@@ -58,6 +63,16 @@ def test_fused_add_rms_norm_updates_residual_in_place() -> None:
     torch.manual_seed(0)
     x, residual, w = torch.randn(5, 48), torch.randn(5, 48), torch.randn(48)
     expected_sum = x.double() + residual.double()
+    out = fused_add_rms_norm(x, residual, w, 1e-6)
+    _close(residual, expected_sum)
+    _close(out, _naive_rms_norm(expected_sum, w, 1e-6))
+
+
+def test_fused_add_rms_norm_sums_split_k_partials() -> None:
+    """``x`` as ``[S, T, H]`` partial sums: all of them go into the residual."""
+    torch.manual_seed(0)
+    x, residual, w = torch.randn(3, 5, 48), torch.randn(5, 48), torch.randn(48)
+    expected_sum = x.double().sum(0) + residual.double()
     out = fused_add_rms_norm(x, residual, w, 1e-6)
     _close(residual, expected_sum)
     _close(out, _naive_rms_norm(expected_sum, w, 1e-6))
@@ -119,6 +134,23 @@ def test_linear_packed_and_plain(bias: bool, rows: int) -> None:
     packed = pack_weight(w)
     assert packed is not None  # CPU fp32: the oneDNN path is the one the model uses
     _close(linear(x, w, b, packed), expected)
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+def test_split_k_products_sum_to_the_product(parts: int) -> None:
+    """The batched GEMM over strided slices of the weight: its partials add up to ``x W^T``."""
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 64), torch.randn(3, 64)
+    products = split_k_products(x, w, parts)
+    assert products.shape == (parts, 3, 24)
+    _close(products.sum(0), x.double() @ w.double().T)
+    _close(products[-1], x[:, -64 // parts:].double() @ w[:, -64 // parts:].double().T)
+
+
+def test_linear_partials_is_one_product_off_cuda() -> None:
+    w, x = torch.randn(24, 64), torch.randn(3, 64)
+    assert split_k_parts(x, w, None) == 1
+    _close(linear_partials(x, w, None), x.double() @ w.double().T)
 
 
 # --- rotary ------------------------------------------------------------------------------------

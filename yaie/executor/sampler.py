@@ -28,6 +28,7 @@ from torch import Tensor
 
 from yaie.core.batch import ScheduledRequest
 from yaie.core.sampling import SamplingParams
+from yaie.kernels import argmax
 
 _MASK64 = (1 << 64) - 1
 
@@ -69,7 +70,7 @@ class Sampler:
         penalized = _apply_penalties(logits, requests)
         if all(p.greedy for p in params):
             # Fast path: nothing random, so skip temperature, filters and noise altogether.
-            token_ids = penalized.argmax(dim=-1)
+            token_ids = argmax(penalized)
         else:
             token_ids = self._sample_mixed(penalized, requests)
         return SamplerOutput(token_ids, _logprobs(logits, token_ids, params))
@@ -97,8 +98,8 @@ class Sampler:
             scaled = _apply_min_p(scaled, min_p)
 
         probs = scaled.softmax(dim=-1)
-        sampled = (probs / self._exponential_noise(probs, requests)).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        sampled = argmax(probs / self._exponential_noise(probs, requests))
+        return torch.where(greedy, argmax(logits), sampled)
 
     def _exponential_noise(self, probs: Tensor, requests: list[ScheduledRequest]) -> Tensor:
         """Exp(1) noise shaped like ``probs``; seeded rows get their own reproducible stream."""

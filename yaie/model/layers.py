@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from yaie.kernels import fused_add_rms_norm, linear, pack_weight, rms_norm
+from yaie.kernels import fused_add_rms_norm, linear, linear_partials, pack_weight, rms_norm
 from yaie.kernels.linear import CpuWeight
 
 
@@ -154,9 +154,12 @@ class RowParallelLinear(LinearBase):
         size = param.shape[1]
         _copy_rows(param, 0, loaded, self.tp_rank * size, size, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor:
+        """``x W^T + b``. With ``partials`` the caller sums the result into something (the
+        residual add), so on CUDA a few rows may come back as ``[S, T, out]`` split-K partial
+        sums (``yaie.kernels.linear_partials``): the all-reduce and the sum both commute."""
         bias = self.bias if self.tp_rank == 0 else None
-        out = linear(x, self.weight, bias, self.packed)
+        out = (linear_partials if partials else linear)(x, self.weight, bias, self.packed)
         if self.tp_size > 1:
             dist.all_reduce(out)
         return out
@@ -208,7 +211,8 @@ class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm; given ``residual``, adds ``x`` into it in place first and normalizes the sum."""
+    """RMSNorm; given ``residual``, adds ``x`` into it in place first and normalizes the sum
+    (``x`` may then be a row-parallel projection's partial sums, ``RowParallelLinear``)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()

@@ -7,7 +7,9 @@ chunks and decodes mixed) and their positions, and the attention layers read and
 KV cache as ``AttentionMetadata`` describes.
 
 Projections are fused where the checkpoint has them separate (q/k/v into one GEMM, gate/up into
-another): fewer, larger GEMMs read the activations once and cost one op each.
+another): fewer, larger GEMMs read the activations once and cost one op each. The two that end
+a sub-layer (``o_proj``, ``down_proj``) may hand back split-K partial sums on CUDA, which the
+next norm's residual add sums (``RowParallelLinear``).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
         out = self.attn.rotary_attend(positions, qkv, cos_sin_cache, meta, norms)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return self.o_proj(out.reshape(num_tokens, -1), partials=True)
 
 
 class LlamaMLP(nn.Module):
@@ -82,7 +84,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), partials=True)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -102,7 +104,8 @@ class LlamaDecoderLayer(nn.Module):
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(mlp output, residual stream)``; the next norm adds the former into the
-        latter, so each sub-layer's residual add costs no extra op."""
+        latter, so each sub-layer's residual add costs no extra op (nor does summing a
+        sub-layer's split-K partial products, which the norm takes as they are)."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
