@@ -79,11 +79,12 @@ def _run_qk_norm(dtype: torch.dtype, device: torch.device) -> None:
 
 
 def _run_fused_add_rms_norm(dtype: torch.dtype, device: torch.device) -> None:
-    """One launch serves both of the engine's calls: ``x`` plain or split-K partial sums."""
-    x = torch.randn(2, _TOKENS, _HIDDEN, dtype=dtype, device=device)
+    """``x`` plain, then as 2 and 4 split-K partial sums (a specialisation each)."""
     residual = torch.randn(_TOKENS, _HIDDEN, dtype=dtype, device=device)
     weight = torch.ones(_HIDDEN, dtype=dtype, device=device)
-    _rms_norm.fused_add_rms_norm_numba(x, residual, weight, 1e-6)
+    for parts in (1, 2, 4):
+        x = torch.randn(parts, _TOKENS, _HIDDEN, dtype=dtype, device=device)
+        _rms_norm.fused_add_rms_norm_numba(x[0] if parts == 1 else x, residual, weight, 1e-6)
 
 
 def _run_rotary(dtype: torch.dtype, device: torch.device) -> None:

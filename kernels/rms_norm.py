@@ -122,8 +122,8 @@ else:
 
 
 @cuda.jit(device=True)
-def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, kind, parts,
-                  part_stride):
+def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, kind,
+                  part_offsets):
     """One block normalizes one row of ``n_words = weight.size`` 8-byte words.
 
     Operands are flat word arrays; block ``(a, b)`` of the ``[A, B]`` grid owns the row of
@@ -147,9 +147,10 @@ def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, 
 
     Fused variant: ``x + residual`` is rounded to the activation dtype and stored back into
     ``residual`` (the reference's in-place add), and that rounded sum is what gets normalized.
-    With ``parts > 1``, ``x`` is that many partial sums ``part_stride`` words apart; all are
-    loaded with the rest (unrolled up to ``MAX_PARTIALS``, each load guarded, so they issue
-    together) and added before the rounding.
+    ``x`` may be several partial sums: ``part_offsets`` holds each one's word offset from the
+    first (``(0,)`` for a plain ``x``). It is a tuple so that its length is part of the
+    kernel's type: numba compiles one specialisation per count, whose loops over the partials
+    unroll into straight-line loads issued with the rest. All are added before the rounding.
     Squares accumulate in fp32; a block reduction gives every thread ``1 / rms``; the output is
     ``x * inv_rms * weight``, rounded once.
     """
@@ -171,9 +172,8 @@ def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, 
     for k in range(_WORDS_PER_THREAD):
         i = min(tid + np.uint64(k) * step, last)
         row[k] = np.uint64(x[x0 + i])
-        for p in range(1, MAX_PARTIALS):
-            if p < parts:
-                more[p, k] = np.uint64(x[x0 + np.uint64(p) * part_stride + i])
+        for p in range(1, len(part_offsets)):
+            more[p, k] = np.uint64(x[x0 + part_offsets[p] + i])
         if fused:
             other[k] = np.uint64(residual[res0 + i])
         w[k] = np.uint64(weight[i])
@@ -184,9 +184,8 @@ def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, 
             summed = np.uint64(0)
             for j in range(vec):
                 value = unpack(row[k], j, kind) + unpack(other[k], j, kind)
-                for p in range(1, MAX_PARTIALS):
-                    if p < parts:
-                        value += unpack(more[p, k], j, kind)
+                for p in range(1, len(part_offsets)):
+                    value += unpack(more[p, k], j, kind)
                 summed |= pack(value, j, kind)
             row[k] = summed
         squares = np.float32(0.0)
@@ -211,44 +210,45 @@ def _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, fused, 
 
 # One kernel per dtype and variant: ``kind`` and ``fused`` must be compile-time constants (see
 # yaie.kernels._numba). Arguments: x, residual, weight, out as flat 8-byte-word arrays, row
-# strides (in words) of x and residual, eps float32, and for the fused add the number of
-# partial sums in x and their distance in words; the grid is the [A, B] grid of rows.
+# strides (in words) of x and residual, eps float32, and for the fused add the word offsets
+# of the partial sums in x (a tuple, one specialisation per count); the grid is the [A, B]
+# grid of rows.
 
 
 @cuda.jit(cache=True)
 def rms_norm_f32(x, x_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F32, 1, np.uint64(0))
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F32, (np.uint64(0),))
 
 
 @cuda.jit(cache=True)
 def rms_norm_bf16(x, x_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, BF16, 1, np.uint64(0))
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, BF16, (np.uint64(0),))
 
 
 @cuda.jit(cache=True)
 def rms_norm_f16(x, x_strides, weight, out, eps):
-    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F16, 1, np.uint64(0))
+    _rms_norm_row(x, x_strides, x, x_strides, weight, out, eps, False, F16, (np.uint64(0),))
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_f32(x, x_strides, parts, part_stride, residual, res_strides, weight,
-                           out, eps):
-    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F32, parts,
-                  part_stride)
+def fused_add_rms_norm_f32(x, x_strides, part_offsets, residual, res_strides, weight, out,
+                           eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F32,
+                  part_offsets)
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_bf16(x, x_strides, parts, part_stride, residual, res_strides, weight,
-                            out, eps):
-    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, BF16, parts,
-                  part_stride)
+def fused_add_rms_norm_bf16(x, x_strides, part_offsets, residual, res_strides, weight, out,
+                            eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, BF16,
+                  part_offsets)
 
 
 @cuda.jit(cache=True)
-def fused_add_rms_norm_f16(x, x_strides, parts, part_stride, residual, res_strides, weight,
-                           out, eps):
-    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F16, parts,
-                  part_stride)
+def fused_add_rms_norm_f16(x, x_strides, part_offsets, residual, res_strides, weight, out,
+                           eps):
+    _rms_norm_row(x, x_strides, residual, res_strides, weight, out, eps, True, F16,
+                  part_offsets)
 
 
 RMS_NORM_KERNELS = {
@@ -327,16 +327,15 @@ def fused_add_rms_norm_numba(
     """The numba kernel's ``fused_add_rms_norm``: ``residual += x`` in place (``x`` may be
     partial sums, ``is_partials``), returns the norm."""
     out = torch.empty(residual.shape, dtype=x.dtype, device=x.device) if out is None else out
-    parts = x.shape[0] if is_partials(x, residual) else 1
-    if parts > 1:  # one flat span over all [S, T, H] partials; rows as the first one's
+    if is_partials(x, residual):  # one flat span over all [S, T, H] partials
         flat, (part_stride, row_stride) = flat_words(x)
         strides = (row_stride, row_stride)
+        offsets = tuple(np.uint64(p * part_stride) for p in range(x.shape[0]))
     else:
-        (flat, strides), part_stride = _rows(x), 0
+        (flat, strides), offsets = _rows(x), (np.uint64(0),)
     res_flat, res_strides = _rows(residual)
-    _launch(FUSED_ADD_RMS_NORM_KERNELS[x.dtype], residual, flat, strides, np.uint64(parts),
-            np.uint64(part_stride), res_flat, res_strides, words(weight), words(out.view(-1)),
-            np.float32(eps))
+    _launch(FUSED_ADD_RMS_NORM_KERNELS[x.dtype], residual, flat, strides, offsets, res_flat,
+            res_strides, words(weight), words(out.view(-1)), np.float32(eps))
     return out
 
 
