@@ -175,6 +175,22 @@ def stream_for(t: torch.Tensor):
     return _external_stream(torch.cuda.current_stream(t.device).cuda_stream)
 
 
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters for kernels whose last-arriving block merges the others' results
+    (split-KV decode, the argmax), kept per device. The merging block leaves its counter at
+    zero again, so one buffer serves every launch of every such kernel. It is made (or grown)
+    on the first launches, the eager warm-up before any CUDA graph capture, never inside one.
+    Launches share it, so they must be ordered: the engine runs them on one stream."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = counters
+    return counters
+
+
 def pow2_threads(work: int, lo: int = 32, hi: int = 256) -> int:
     """A power-of-two block size in ``[lo, hi]`` that covers ``work`` items where it can.
 

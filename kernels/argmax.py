@@ -35,6 +35,7 @@ from yaie.kernels._numba import (
     KINDS,
     SIMULATOR,
     array_view,
+    arrival_counters,
     cuda,
     elements,
     load_element,
@@ -178,20 +179,6 @@ def argmax_f16(x, out, chunk_values, chunk_indices, arrivals):
 
 ARGMAX_KERNELS = {torch.float32: argmax_f32, torch.bfloat16: argmax_bf16, torch.float16: argmax_f16}
 
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, rows: int) -> torch.Tensor:
-    """Zeroed int32 counters, one a row, kept per device: the merging block leaves its counter
-    at zero, so one buffer serves every launch (they must run on one stream, as the engine's
-    do). Made or grown outside CUDA-graph capture: the engine samples eagerly."""
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < rows:
-        counters = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
-        _ARRIVALS[device] = counters
-    return counters
-
-
 def numba_supports(logits: torch.Tensor) -> bool:
     """Rows of logits with a contiguous last dim, in a dtype the kernels read."""
     return (
@@ -211,7 +198,7 @@ def argmax_numba(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     chunk_values = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
     chunk_indices = torch.empty(rows, chunks, dtype=torch.int64, device=logits.device)
-    counters = _arrival_counters(logits.device, rows)
+    counters = arrival_counters(logits.device, rows)
     ARGMAX_KERNELS[logits.dtype][(rows, chunks), THREADS, stream_for(logits)](
         elements(logits), array_view(out), array_view(chunk_values), array_view(chunk_indices),
         array_view(counters),

@@ -102,6 +102,7 @@ from yaie.kernels._numba import (
     NEG_SCORE,
     SIMULATOR,
     array_view,
+    arrival_counters,
     cuda,
     integers,
     pack,
@@ -734,21 +735,6 @@ def decode_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     )
 
 
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters for the split merge, kept per device: the merging block leaves
-    each counter at zero again, so one buffer serves every launch. It is made (or grown) on
-    the first launches, the eager warm-up before any CUDA graph capture, never inside one.
-    Launches share it, so they must be ordered: the engine runs them on one stream."""
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _ARRIVALS[device] = counters
-    return counters
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -798,7 +784,7 @@ def paged_decode_attention(
         rank4, rank3 = (1, 1, 1, 1), (1, 1, 1)
     part_out = torch.empty(rank4, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(rank3, dtype=torch.float32, device=q.device)
-    arrivals = _arrival_counters(q.device, num_decodes * num_kv_heads if split else 1)
+    arrivals = arrival_counters(q.device, num_decodes * num_kv_heads if split else 1)
     ints = [array_view(t) for t in (block_tables, seq_lens, query_start_loc, seq_ids)]
     mode = NO_ROPE if rope is None else ROPE if rope.qk_norm is None else QK_NORM_ROPE
     kernel = decode_kernel(kind, group, head_dim, block_size, split, warps, mode)
