@@ -157,9 +157,11 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor:
         """``x W^T + b``. With ``partials`` the caller sums the result into something (the
         residual add), so on CUDA a few rows may come back as ``[S, T, out]`` split-K partial
-        sums (``yaie.kernels.linear_partials``): the all-reduce and the sum both commute."""
+        sums (``yaie.kernels.linear_partials``). Not across ranks: there the all-reduce is
+        the reduction already, and ``S`` partials would multiply its traffic by ``S``."""
         bias = self.bias if self.tp_rank == 0 else None
-        out = (linear_partials if partials else linear)(x, self.weight, bias, self.packed)
+        split = partials and self.tp_size == 1
+        out = (linear_partials if split else linear)(x, self.weight, bias, self.packed)
         if self.tp_size > 1:
             dist.all_reduce(out)
         return out
