@@ -45,9 +45,9 @@ def test_staged_inputs_pad_to_the_graph_size_and_copy_one_prefix() -> None:
     staged.fill(_decode_batch([3, 9, 17, 2, 6], [[4], [0, 1, 2], [5, 6, 7, 8, 9], [3], [10, 11]]), 8)
     staged.upload()
     batch = _decode_batch([9, 2, 13], [[0, 1, 2], [3], [5, 6, 7, 8]])
-    num_bytes = staged.fill(batch, 4)
+    staged.fill(batch, 4)
     staged.device["block_tables"].fill_(-7)
-    staged.upload(num_bytes)
+    staged.upload(staged.nbytes(4))
     dev = staged.device
     assert dev["token_ids"][:4].tolist() == [100, 101, 102, 0]
     assert dev["positions"][:4].tolist() == [8, 1, 12, 0]
