@@ -180,6 +180,7 @@ def argmax_f16(x, out, chunk_values, chunk_indices, arrivals):
 
 ARGMAX_KERNELS = {torch.float32: argmax_f32, torch.bfloat16: argmax_bf16, torch.float16: argmax_f16}
 
+
 def numba_supports(logits: torch.Tensor) -> bool:
     """Rows of logits with a contiguous last dim, in a dtype the kernels read."""
     return (
