@@ -193,17 +193,35 @@ def numba_supports(logits: torch.Tensor) -> bool:
     )
 
 
+_ChunkScratch = tuple[torch.Tensor, torch.Tensor, object, object]
+_SCRATCH: dict[torch.device, _ChunkScratch] = {}
+
+
+def _chunk_scratch(device: torch.device, rows: int, chunks: int) -> tuple[object, object]:
+    """Numba views of ``[rows, chunks]`` (at least) buffers for the blocks' ``(value, index)``
+    results. A launch reads only what its own blocks wrote, so one pair per device, grown when
+    a launch needs more, serves every launch: the sampler runs each step, and allocating and
+    converting two tensors a call was host time spent on every one of them."""
+    held = _SCRATCH.get(device)
+    have = held[0].shape if held else (0, 0)
+    if have[0] < rows or have[1] < chunks:
+        shape = (max(rows, have[0]), max(chunks, have[1]))
+        values = torch.empty(shape, dtype=torch.float32, device=device)
+        indices = torch.empty(shape, dtype=torch.int64, device=device)
+        held = (values, indices, array_view(values), array_view(indices))
+        _SCRATCH[device] = held
+    return held[2], held[3]
+
+
 def argmax_numba(logits: torch.Tensor) -> torch.Tensor:
     """The kernel's argmax of each row of ``logits [rows, vocab]`` (int64, on its device)."""
     rows, vocab = logits.shape
     chunks = -(-vocab // CHUNK)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    chunk_values = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
-    chunk_indices = torch.empty(rows, chunks, dtype=torch.int64, device=logits.device)
+    chunk_values, chunk_indices = _chunk_scratch(logits.device, rows, chunks)
     counters = arrival_counters(logits.device, rows)
     ARGMAX_KERNELS[logits.dtype][(rows, chunks), THREADS, stream_for(logits)](
-        elements(logits), array_view(out), array_view(chunk_values), array_view(chunk_indices),
-        array_view(counters),
+        elements(logits), array_view(out), chunk_values, chunk_indices, array_view(counters),
     )
     return out
 
