@@ -15,7 +15,9 @@ form for CUDA projections of a few rows whose sum the residual add takes in
 (``fused_add_rms_norm`` accepts ``[S, T, H]`` partial sums). On fp32 CPU tensors the elementwise ops
 (RMSNorm alone and fused, rotary, ``rotary_write_kv``, SiLU-and-mul) run numba CPU kernels
 (``yaie.kernels.elementwise_cpu``), and decodes attend in one
-(``yaie.kernels.decode_attention_cpu``). ``yaie.kernels.cpu`` holds what the CPU path needs of
+(``yaie.kernels.decode_attention_cpu``); greedy rows get their token from a bf16 screen of the
+LM head confirmed in fp32 (``yaie.kernels.greedy_head``, on CPUs with AVX512-BF16).
+``yaie.kernels.cpu`` holds what the CPU path needs of
 the process: heap reuse (``keep_freed_memory``) and how numba kernels launch (``run_parallel``).
 On CUDA the numba kernels run wherever they support the operands; ``YAIE_KERNELS=torch`` makes
 every op run its torch reference instead (``yaie.kernels._numba.KERNELS_ENV``).

@@ -55,7 +55,7 @@ _NO_WEIGHT = np.empty(0, dtype=np.float32)
 
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
+def f32_from_bits(typingctx, bits):
     """The float32 whose IEEE bits are the int32 ``bits`` (an LLVM bitcast, which vectorizes)."""
 
     def codegen(context, builder, signature, args):
@@ -85,7 +85,7 @@ def exp(x: float) -> float:
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * r * r + r + np.float32(1.0)
-    return p * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+    return p * f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True, error_model="numpy")

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from yaie.kernels.cpu import run_parallel
 
 # oneDNN picks its blocking for this many rows; measured as good for 1-row decodes too.
-_PACK_BATCH_HINT = 512
+PACK_BATCH_HINT = 512
 
 GEMV_MAX_ROWS = 2
 """Most rows ``linear`` sends to ``gemv``; above it oneDNN is faster (see the module docstring)."""
@@ -125,7 +125,7 @@ def pack_weight(weight: torch.Tensor) -> CpuWeight | None:
         return None
     plain = weight.detach()
     return CpuWeight(
-        onednn=torch.ops.mkldnn._reorder_linear_weight(plain, _PACK_BATCH_HINT),
+        onednn=torch.ops.mkldnn._reorder_linear_weight(plain, PACK_BATCH_HINT),
         rows=plain.contiguous().numpy() if plain.dtype == torch.float32 else None,
     )
 

@@ -18,7 +18,7 @@ from yaie.args import EngineArgs, parse_size
 from yaie.core.batch import ScheduledBatch, StepResult
 from yaie.executor.cuda_graph import DecodeGraphs
 from yaie.executor.gpu_memory import kv_cache_budget
-from yaie.executor.sampler import Sampler
+from yaie.executor.sampler import Sampler, argmax_suffices
 from yaie.hub import ResolvedModel
 from yaie.model import get_model_class
 from yaie.model.attention import AttentionMetadata
@@ -150,6 +150,10 @@ class ModelExecutor:
             hidden = self._forward_eager(batch)
             if hidden is None:
                 return StepResult([])
+        if argmax_suffices(batch.sampling_requests):
+            tokens = self.model.greedy_tokens(hidden)
+            if tokens is not None:
+                return StepResult(tokens.tolist())
         logits = self.model.compute_logits(hidden)
         out = self.sampler.sample(logits, batch.sampling_requests)
         return StepResult(out.token_ids.tolist(), out.logprobs)

@@ -131,6 +131,20 @@ class Sampler:
         return self._per_request[device]
 
 
+def argmax_suffices(requests: list[ScheduledRequest]) -> bool:
+    """Whether every row's token is the argmax of its raw logits: greedy rows with no
+    penalties and no logprobs, whose logits the sampler would only read for their argmax
+    (so the executor may get it without them: ``CausalLM.greedy_tokens``)."""
+    return all(
+        p.greedy
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and p.frequency_penalty == 0
+        and p.presence_penalty == 0
+        for p in (r.sampling_params for r in requests)
+    )
+
+
 def _apply_penalties(logits: Tensor, requests: list[ScheduledRequest]) -> Tensor:
     """Return logits with repetition, frequency and presence penalties applied (never in place).
 

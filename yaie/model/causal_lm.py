@@ -59,6 +59,12 @@ class CausalLM(nn.Module, metaclass=ABCMeta):
         """``[N, hidden]`` -> fp32 ``[N, vocab]``; pass only the rows that sample."""
         return self.lm_head(hidden).float()
 
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``argmax(compute_logits(hidden), dim=-1)``, cheaper where the LM head can screen
+        (``ParallelLMHead.greedy``); ``None`` where it cannot."""
+        return self.lm_head.greedy(hidden)
+
     def allocate_kv_cache(
         self,
         num_blocks: int,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yaie.kernels import fused_add_rms_norm, linear, linear_partials, pack_weight, rms_norm
+from yaie.kernels.greedy_head import Bf16Screen, bf16_screen, greedy_argmax
 from yaie.kernels.linear import CpuWeight
 
 
@@ -199,9 +200,24 @@ class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
     ``forward`` returns full-vocabulary logits on every rank (all-gathered when split).
     """
 
+    screen: Bf16Screen | None = None
+
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         """Use ``embedding``'s weight as ours (tied input and output embeddings)."""
         self.weight = embedding.weight
+
+    def pack(self) -> None:
+        """The projection's CPU copies, and the bf16 screen of greedy decoding where the CPU
+        multiplies bf16 natively (``yaie.kernels.greedy_head``)."""
+        super().pack()
+        self.screen = bf16_screen(self.weight) if self.tp_size == 1 else None
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``argmax(logits)`` per row without computing every logit in fp32, or ``None``
+        where the screen does not apply (then compute the logits)."""
+        if self.screen is None or hidden.dtype != torch.float32 or not hidden.is_cpu:
+            return None
+        return greedy_argmax(hidden, self.screen)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.weight, None, self.packed)
