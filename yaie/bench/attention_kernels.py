@@ -5,7 +5,9 @@ bf16, blocks of 16 tokens), each beside its torch equivalent in the same run.
   that as a share of the device-to-device copy bandwidth (read + write) measured in the same
   run. Its torch equivalent is SDPA over the same K/V already gathered into contiguous
   ``[B, Hkv, L, D]`` tensors (the gather itself not timed). Rows for other partition sizes show
-  what the split-KV plan (``auto``) chose against.
+  what the split-KV plan (``auto``) chose against. The cache's blocks are shuffled over the
+  pool, as after long use; one row repeats 64 x 4,096 with each request's blocks consecutive,
+  as a fresh engine lays out a prompt: the order costs the kernel 2-3% (guide, chapter 16).
 - Prefill is compute-bound: TFLOP/s (the two matrix products, causal half only) beside torch
   SDPA's flash backend on contiguous tensors, and the engine's torch path on the paged cache.
 - FlashAttention (fp32, educational) forward and backward beside SDPA, whose fp32 path is the
@@ -73,13 +75,17 @@ def copy_bandwidth(iters: int = 20) -> float:
 
 
 class _PagedBatch:
-    """Requests ``(cached prefix, new tokens)`` over shuffled blocks of a random bf16 cache."""
+    """Requests ``(cached prefix, new tokens)`` over the blocks of a random bf16 cache: blocks
+    shuffled over the pool (the default: a pool after long use), or ``in_order`` as a fresh
+    ``BlockPool`` hands a prompt its blocks (consecutive, descending)."""
 
-    def __init__(self, requests: list[tuple[int, int]], seed: int = 0) -> None:
+    def __init__(self, requests: list[tuple[int, int]], seed: int = 0,
+                 in_order: bool = False) -> None:
         rng = random.Random(seed)
         needed = [-(-(p + n) // BLOCK_SIZE) for p, n in requests]
         blocks = list(range(sum(needed)))
-        rng.shuffle(blocks)
+        if not in_order:
+            rng.shuffle(blocks)
         shape = (len(blocks), BLOCK_SIZE, KV_HEADS, HEAD_DIM)
         self.k_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
         self.v_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
@@ -119,9 +125,10 @@ class _PagedBatch:
 
 
 def _decode_rows(batch: int, context: int, copy_gbps: float, iters: int,
-                 fixed: list[tuple[int, int]]) -> list[AttentionRow]:
-    """The plan's decode launch and the ``(warps, partitions)`` plans in ``fixed``."""
-    paged = _PagedBatch([(context - 1, 1)] * batch)
+                 fixed: list[tuple[int, int]], in_order: bool = False) -> list[AttentionRow]:
+    """The plan's decode launch and the ``(warps, partitions)`` plans in ``fixed``, over
+    shuffled blocks or blocks ``in_order`` (``_PagedBatch``)."""
+    paged = _PagedBatch([(context - 1, 1)] * batch, in_order=in_order)
     kv_bytes = 2 * paged.k_cache.numel() * paged.k_cache.element_size()
     pairs = [paged.gathered(i) for i in range(batch)]
     k = torch.stack([p[0] for p in pairs])
@@ -140,7 +147,8 @@ def _decode_rows(batch: int, context: int, copy_gbps: float, iters: int,
         us = _median_us(lambda plan=plan: paged.decode(plan), iters)
         split = (f"{plan.parts} parts of {-(-context // plan.parts)}" if plan.parts > 1
                  else "no split")
-        label = f"{'auto, ' if plan == auto else ''}{plan.warps} warps, {split}"
+        label = (f"{'auto, ' if plan == auto else ''}{plan.warps} warps, {split}"
+                 f"{', in order' if in_order else ''}")
         gbps = kv_bytes / us / 1e3
         rows.append(AttentionRow(
             f"paged decode ({label})",
@@ -229,6 +237,8 @@ def bench_rows(copy_gbps: float, iters: int = 30) -> list[AttentionRow]:
     """Every attention benchmark row; ``copy_gbps`` is the copy bandwidth measured in this run."""
     rows = _decode_rows(64, 4096, copy_gbps, iters, fixed=[(3, 2), (6, 1)])
     torch.cuda.empty_cache()
+    rows += _decode_rows(64, 4096, copy_gbps, iters, fixed=[], in_order=True)
+    torch.cuda.empty_cache()
     rows += _decode_rows(4, 32768, copy_gbps, iters, fixed=[(3, 16), (6, 8), (12, 1)])
     torch.cuda.empty_cache()
     for context in (256, 1024, 4096):  # batch 1: latency, where the split matters most
@@ -241,13 +251,13 @@ def bench_rows(copy_gbps: float, iters: int = 30) -> list[AttentionRow]:
 
 
 def format_rows(rows: list[AttentionRow]) -> str:
-    header = (f"{'kernel':<44} {'shape':<44} {'us':>9} {'rate':>8} {'unit':<7} {'% copy':>6}  "
+    header = (f"{'kernel':<50} {'shape':<44} {'us':>9} {'rate':>8} {'unit':<7} {'% copy':>6}  "
               f"{'torch us':>9} {'speedup':>7}  torch equivalent")
     lines = [header, "-" * len(header)]
     for r in rows:
         pct = f"{r.pct_copy:>5.0f}%" if r.pct_copy is not None else " " * 6
         torch_us = f"{r.torch_us:>9.1f} {r.torch_us / r.us:>6.2f}x" if r.torch_us else " " * 17
-        lines.append(f"{r.name:<44} {r.shape:<44} {r.us:>9.1f} {r.rate:>8.1f} {r.unit:<7} "
+        lines.append(f"{r.name:<50} {r.shape:<44} {r.us:>9.1f} {r.rate:>8.1f} {r.unit:<7} "
                      f"{pct}  {torch_us}  {r.torch_name}")
     return "\n".join(lines)
 
