@@ -8,7 +8,8 @@ Ops: ``rms_norm`` / ``fused_add_rms_norm``, ``layer_norm`` / ``fused_add_layer_n
 ``write_kv``, ``rotary_write_kv`` (q/k norm + rotary + ``write_kv`` in one kernel),
 ``paged_attention``, ``rotary_paged_attention`` (the two, the Llama family's path: one decode
 kernel for decode-only CUDA steps), ``copy_blocks`` (copy-on-write), ``argmax`` (greedy
-sampling over the vocabulary), and ``linear`` (GEMMs
+sampling over the vocabulary), ``greedy_argmax`` (with ``bf16_screen``: greedy tokens from the
+LM head without its fp32 logits, on the CPU), and ``linear`` (GEMMs
 stay on torch: cuBLAS on CUDA, oneDNN on packed weights on the CPU, except decodes of 1-2 rows,
 which take the numba GEMV of ``yaie.kernels.linear``) with ``linear_partials``, its split-K
 form for CUDA projections of a few rows whose sum the residual add takes in
@@ -41,6 +42,7 @@ from yaie.kernels.attention import (
     rotary_paged_attention,
 )
 from yaie.kernels.block_copy import copy_blocks
+from yaie.kernels.greedy_head import bf16_screen, greedy_argmax
 from yaie.kernels.kv_cache import write_kv
 from yaie.kernels.layer_norm import fused_add_layer_norm, layer_norm
 from yaie.kernels.linear import linear, linear_partials, pack_weight
@@ -53,11 +55,13 @@ __all__ = [
     "PrefillSegment",
     "apply_rotary",
     "argmax",
+    "bf16_screen",
     "build_cos_sin_cache",
     "copy_blocks",
     "fused_add_layer_norm",
     "fused_add_rms_norm",
     "gelu_tanh",
+    "greedy_argmax",
     "layer_norm",
     "linear",
     "linear_partials",

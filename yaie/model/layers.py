@@ -23,8 +23,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from yaie.kernels import fused_add_rms_norm, linear, linear_partials, pack_weight, rms_norm
-from yaie.kernels.greedy_head import Bf16Screen, bf16_screen, greedy_argmax
+from yaie.kernels import (
+    bf16_screen,
+    fused_add_rms_norm,
+    greedy_argmax,
+    linear,
+    linear_partials,
+    pack_weight,
+    rms_norm,
+)
+from yaie.kernels.greedy_head import Bf16Screen
 from yaie.kernels.linear import CpuWeight
 
 
