@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ _CHUNK = 64
 @dataclass(frozen=True, slots=True)
 class Bf16Screen:
     """An LM head weight prepared for ``greedy_argmax``: oneDNN's packed bf16 copy, the fp32
-    rows as numpy (for the confirmations), and each row's Euclidean norm."""
+    rows as numpy (for the confirmations), each row's Euclidean norm, and the largest of them
+    (kept, since numba's float maximum over a vocabulary is slow, see ``_order_key``)."""
 
     packed: torch.Tensor
     rows: np.ndarray
@@ -76,17 +78,16 @@ def bf16_screen(weight: torch.Tensor) -> Bf16Screen | None:
     ):
         return None
     plain = weight.detach().contiguous()
+    norms = plain.norm(dim=1)
     return Bf16Screen(
         packed=torch.ops.mkldnn._reorder_linear_weight(plain.to(torch.bfloat16), PACK_BATCH_HINT),
         rows=plain.numpy(),
-        norms=plain.norm(dim=1).numpy(),
-        max_norm=float(plain.norm(dim=1).max()),
+        norms=norms.numpy(),
+        max_norm=float(norms.max()),
     )
 
 
 def _native_bf16() -> bool:
-    import llvmlite.binding as llvm
-
     return bool(llvm.get_host_cpu_features().get("avx512bf16", False))
 
 

@@ -150,7 +150,7 @@ class ModelExecutor:
             hidden = self._forward_eager(batch)
             if hidden is None:
                 return StepResult([])
-        if argmax_suffices(batch.sampling_requests):
+        if self.model.screens_greedy and argmax_suffices(batch.sampling_requests):
             tokens = self.model.greedy_tokens(hidden)
             if tokens is not None:
                 return StepResult(tokens.tolist())

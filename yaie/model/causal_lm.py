@@ -59,6 +59,12 @@ class CausalLM(nn.Module, metaclass=ABCMeta):
         """``[N, hidden]`` -> fp32 ``[N, vocab]``; pass only the rows that sample."""
         return self.lm_head(hidden).float()
 
+    @property
+    def screens_greedy(self) -> bool:
+        """Whether ``greedy_tokens`` can skip the fp32 logits here (a CPU LM head with a bf16
+        screen); callers check this before the per-row sampling settings, on every step."""
+        return self.lm_head.screen is not None
+
     @torch.inference_mode()
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """``argmax(compute_logits(hidden), dim=-1)``, cheaper where the LM head can screen
