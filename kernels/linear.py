@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from yaie.kernels.cpu import run_parallel
+from yaie.kernels.q4_linear import Q4_MAX_ROWS, Q4Weight, find_q4_grid, q4_linear
 
 # oneDNN picks its blocking for this many rows; measured as good for 1-row decodes too.
 PACK_BATCH_HINT = 512
@@ -90,11 +91,13 @@ class CpuWeight:
 
     ``onednn`` is oneDNN's blocked copy (opaque, not a strided tensor); ``rows`` is a numpy
     view of the fp32 weight for ``gemv`` (``None`` for bf16), made once because converting a
-    tensor at every call would cost a tenth of a small projection.
+    tensor at every call would cost a tenth of a small projection; ``q4`` is the weight's
+    4-bit form where it has one (``yaie.kernels.q4_linear``: weights from a Q4_1 GGUF).
     """
 
     onednn: torch.Tensor
     rows: np.ndarray | None
+    q4: Q4Weight | None = None
 
 
 def gemv(x: torch.Tensor, rows: np.ndarray, bias: torch.Tensor | None) -> torch.Tensor:
@@ -127,6 +130,7 @@ def pack_weight(weight: torch.Tensor) -> CpuWeight | None:
     return CpuWeight(
         onednn=torch.ops.mkldnn._reorder_linear_weight(plain, PACK_BATCH_HINT),
         rows=plain.contiguous().numpy() if plain.dtype == torch.float32 else None,
+        q4=find_q4_grid(plain),
     )
 
 
@@ -144,17 +148,15 @@ def linear(
     packed: CpuWeight | None = None,
 ) -> torch.Tensor:
     """The model's entry point. ``packed`` marks a CPU weight prepared by ``pack_weight``: 2-D
-    float32 inputs of up to ``GEMV_MAX_ROWS`` rows take ``gemv``, others the packed oneDNN GEMM;
-    without it, torch."""
+    float32 inputs of up to ``Q4_MAX_ROWS`` rows take the 4-bit kernel where the weight has a
+    4-bit form, of up to ``GEMV_MAX_ROWS`` rows ``gemv``; others the packed oneDNN GEMM; without
+    ``packed``, torch."""
     if packed is None:
         return linear_reference(x, weight, bias)
-    if (
-        packed.rows is not None
-        and x.dim() == 2
-        and x.shape[0] <= GEMV_MAX_ROWS
-        and x.dtype == torch.float32
-        and not x.requires_grad
-    ):
+    rows = x.shape[0] if x.dim() == 2 and x.dtype == torch.float32 and not x.requires_grad else None
+    if rows is not None and packed.q4 is not None and rows <= Q4_MAX_ROWS:
+        return q4_linear(x, packed.q4, bias)
+    if rows is not None and packed.rows is not None and rows <= GEMV_MAX_ROWS:
         return gemv(x, packed.rows, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed.onednn, bias, "none", [None], "")
 
