@@ -2,7 +2,10 @@
 
 On CUDA, GEMMs stay on torch (cuBLAS). On CPU a decode step is a stream of weights: at batch 1
 every weight is read once to make one row of output, so the step takes as long as reading the
-model from memory. Two CPU paths, chosen by the number of rows:
+model from memory. A weight whose values lie on a 4-bit grid (a model loaded from a Q4_1 GGUF,
+the default one among them) takes the 4-bit kernel of ``yaie.kernels.q4_linear`` up to
+``Q4_MAX_ROWS`` rows: it reads 0.75 bytes a weight instead of 4 and computes with the same
+values. Other fp32 weights take one of two paths, chosen by the number of rows:
 
 - **A few rows (decode of 1-2 requests): ``gemv``**, a numba kernel that splits the output
   features across the CPU's threads and computes each as a plain dot product over one

@@ -127,6 +127,20 @@ def find_q4_grid(weight: torch.Tensor) -> Q4Weight | None:
     )
 
 
+def q4_1_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 values a Q4_1 GGUF of ``weight [out, in]`` loads as: llama.cpp's quantizer
+    (float16 scale and minimum per 32 input features, codes rounded from the float32 minimum),
+    then the readers' ``d * q + m``. For tests and benchmarks without a GGUF at hand."""
+    blocks = weight.detach().float().numpy().reshape(weight.shape[0], -1, BLOCK)
+    low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
+    spread = (high - low) / np.float32(LEVELS)
+    inverse = np.where(spread > 0, 1 / np.where(spread > 0, spread, 1), 0).astype(np.float32)
+    codes = np.minimum(LEVELS, ((blocks - low) * inverse + np.float32(0.5)).astype(np.int8))
+    scale = spread.astype(np.float16).astype(np.float32)
+    values = scale * codes.astype(np.float32) + low.astype(np.float16).astype(np.float32)
+    return torch.from_numpy(values.reshape(weight.shape))
+
+
 def q4_dequantize(weight: Q4Weight) -> torch.Tensor:
     """The fp32 ``[out, in]`` weight back from its codes (the reference's weight)."""
     tiles, pairs, _ = weight.codes.shape

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,23 +15,11 @@ from yaie.kernels.q4_linear import (
     Q4_MAX_ROWS,
     _q4_kernel,
     find_q4_grid,
+    q4_1_round_trip,
     q4_dequantize,
     q4_linear,
     q4_linear_reference,
 )
-
-
-def q4_1_round_trip(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` quantized as llama.cpp writes Q4_1 (float16 scale and minimum per 32 input
-    features, codes rounded from the float32 minimum) and dequantized as GGUF readers do."""
-    blocks = weight.numpy().reshape(weight.shape[0], -1, 32)
-    low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
-    scale = (high - low) / np.float32(15)
-    inverse = np.where(scale > 0, 1 / np.where(scale > 0, scale, 1), 0).astype(np.float32)
-    codes = np.minimum(15, ((blocks - low) * inverse + np.float32(0.5)).astype(np.int8))
-    d = scale.astype(np.float16).astype(np.float32)
-    m = low.astype(np.float16).astype(np.float32)
-    return torch.from_numpy((d * codes.astype(np.float32) + m).reshape(weight.shape))
 
 
 def grid_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
