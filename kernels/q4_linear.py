@@ -65,6 +65,9 @@ Q4_MAX_ROWS = 64
 """Most rows ``yaie.kernels.linear`` sends here; above, oneDNN's fp32 GEMM (measured as a tie
 at 64 rows, and prefills are compute-bound, where reading fewer bytes gains nothing)."""
 
+ACCUMULATORS = 8
+"""Independent accumulator registers a micro-kernel keeps at least (``_tile``)."""
+
 _PROBE_ROWS = LANES
 """Rows checked first, so that a weight off the grid is turned down after a glance."""
 
@@ -167,63 +170,80 @@ _BYTE_VEC = ir.VectorType(ir.IntType(8), LANES)
 
 def _tile(rows: int):
     """The micro-kernel for ``rows`` rows, as a numba intrinsic emitting LLVM vector IR:
-    ``out[r0:r0+rows, 16t:16t+16] = x[r0:r0+rows] W[16t:16t+16]^T`` (module docstring)."""
+    ``out[r0:r0+rows, 16t:16t+16] = x[r0:r0+rows] W[16t:16t+16]^T`` (module docstring).
+
+    A fused multiply-add waits about four cycles for the sum it adds to, so a tile of few rows
+    would stall on its one accumulator per row: each row keeps ``ACCUMULATORS // rows`` of them
+    instead, taking turns over the products (the loop body handles several feature pairs), and
+    sums them at the end.
+    """
+    chains = max(1, ACCUMULATORS // rows)
+    unroll = max(1, chains // 2)  # feature pairs per loop iteration: two products each
 
     @intrinsic
     def tile(typingctx, x, codes, scales, mins, out, t, r0):
         def codegen(context, builder, signature, args):
-            arrays = [context.make_array(ty)(context, builder, value)
-                      for ty, value in zip(signature.args[:5], args[:5])]
-            x_ary, codes_ary, scales_ary, mins_ary, out_ary = arrays
+            x_ary, codes_ary, scales_ary, mins_ary, out_ary = (
+                context.make_array(ty)(context, builder, value)
+                for ty, value in zip(signature.args[:5], args[:5]))
+            x_ty, codes_ty, scales_ty, mins_ty, out_ty = signature.args[:5]
             index = context.get_value_type(types.intp)
-            tile_index = builder.sext(args[5], index) if args[5].type != index else args[5]
-            first_row = builder.sext(args[6], index) if args[6].type != index else args[6]
-
-            def pointer(ary, ty, *at, vector=None):
-                p = cgutils.get_item_pointer(context, builder, ty, ary, list(at))
-                return builder.bitcast(p, vector.as_pointer()) if vector else p
-
-            def const(v):
-                return ir.Constant(index, v)
-
+            tile_index, first_row = (builder.sext(a, index) if a.type != index else a
+                                     for a in args[5:])
             fmuladd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fmuladd.v16f32")
-            x_ty, codes_ty, scales_ty, mins_ty, out_ty = signature.args[:5]
-            zero = ir.Constant(_VEC, [0.0] * LANES)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
-            pairs = builder.extract_value(codes_ary.shape, 1)
-            with cgutils.for_range(builder, pairs) as loop:
-                pair = loop.index
+
+            def const(value):
+                return ir.Constant(index, value)
+
+            def vector_at(ary, ty, vector, *at):
+                """A pointer to the 16 values starting at ``ary[at]``."""
+                p = cgutils.get_item_pointer(context, builder, ty, ary, list(at))
+                return builder.bitcast(p, vector.as_pointer())
+
+            def weights(pair):
+                """The fp32 weights of features ``2 pair`` and ``2 pair + 1`` for the tile's 16
+                outputs: ``d * q + m``, from 16 bytes of codes."""
                 block = builder.udiv(pair, const(BLOCK // 2))
-                packed = builder.load(
-                    pointer(codes_ary, codes_ty, tile_index, pair, const(0), vector=_BYTE_VEC),
-                    align=1)
+                packed = builder.load(vector_at(codes_ary, codes_ty, _BYTE_VEC, tile_index, pair,
+                                                const(0)), align=1)
                 packed = builder.zext(packed, _INT_VEC)
-                scale = builder.load(pointer(scales_ary, scales_ty, tile_index, block, const(0),
-                                             vector=_VEC), align=4)
-                low = builder.load(pointer(mins_ary, mins_ty, tile_index, block, const(0),
-                                           vector=_VEC), align=4)
-                weights = [
-                    builder.call(fmuladd, [scale, builder.uitofp(code, _VEC), low])
-                    for code in (builder.and_(packed, ir.Constant(_INT_VEC, [15] * LANES)),
-                                 builder.lshr(packed, ir.Constant(_INT_VEC, [4] * LANES)))
-                ]
-                feature = builder.shl(pair, const(1))
-                for r, acc in enumerate(accs):
-                    row = builder.add(first_row, const(r))
-                    total = builder.load(acc)
-                    for half, w in enumerate(weights):
-                        value = builder.load(pointer(x_ary, x_ty, row, builder.add(feature, const(half))))
-                        splat = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, ir.Constant(_I32, 0))
-                        splat = builder.shuffle_vector(splat, ir.Constant(_VEC, ir.Undefined),
-                                                       ir.Constant(_INT_VEC, [0] * LANES))
-                        total = builder.call(fmuladd, [splat, w, total])
-                    builder.store(total, acc)
+                scale = builder.load(vector_at(scales_ary, scales_ty, _VEC, tile_index, block,
+                                               const(0)), align=4)
+                low = builder.load(vector_at(mins_ary, mins_ty, _VEC, tile_index, block, const(0)),
+                                   align=4)
+                return [builder.call(fmuladd, [scale, builder.uitofp(code, _VEC), low])
+                        for code in (builder.and_(packed, ir.Constant(_INT_VEC, [15] * LANES)),
+                                     builder.lshr(packed, ir.Constant(_INT_VEC, [4] * LANES)))]
+
+            def broadcast(row, feature):
+                value = builder.load(cgutils.get_item_pointer(context, builder, x_ty, x_ary,
+                                                              [row, feature]))
+                one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value,
+                                             ir.Constant(_I32, 0))
+                return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined),
+                                              ir.Constant(_INT_VEC, [0] * LANES))
+
+            zero = ir.Constant(_VEC, [0.0] * LANES)
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(chains)]
+                    for _ in range(rows)]
+            row_of = [builder.add(first_row, const(r)) for r in range(rows)]
+            steps = builder.udiv(builder.extract_value(codes_ary.shape, 1), const(unroll))
+            with cgutils.for_range(builder, steps) as loop:
+                for u in range(unroll):
+                    pair = builder.add(builder.mul(loop.index, const(unroll)), const(u))
+                    for half, w in enumerate(weights(pair)):
+                        feature = builder.add(builder.shl(pair, const(1)), const(half))
+                        for r in range(rows):
+                            acc = accs[r][(2 * u + half) % chains]
+                            builder.store(builder.call(fmuladd, [broadcast(row_of[r], feature), w,
+                                                                 builder.load(acc)]), acc)
             column = builder.mul(tile_index, const(LANES))
-            for r, acc in enumerate(accs):
-                row = builder.add(first_row, const(r))
-                builder.store(builder.load(acc), pointer(out_ary, out_ty, row, column, vector=_VEC),
-                              align=4)
+            for r in range(rows):
+                total = builder.load(accs[r][0])
+                for acc in accs[r][1:]:
+                    total = builder.fadd(total, builder.load(acc))
+                builder.store(total, vector_at(out_ary, out_ty, _VEC, row_of[r], column), align=4)
             return context.get_dummy_value()
 
         return types.void(x, codes, scales, mins, out, t, r0), codegen
