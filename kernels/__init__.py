@@ -11,8 +11,9 @@ kernel for decode-only CUDA steps), ``copy_blocks`` (copy-on-write), ``argmax`` 
 sampling over the vocabulary), ``greedy_argmax`` (with ``bf16_screen``: greedy tokens from the
 LM head without its fp32 logits, on the CPU), and ``linear`` (GEMMs
 stay on torch: cuBLAS on CUDA, oneDNN on packed weights on the CPU, except decodes: up to 64
-rows on weights from a 4-bit GGUF take the 4-bit kernel of ``yaie.kernels.q4_linear``, 1-2 rows
-on other fp32 weights the numba GEMV of ``yaie.kernels.linear``) with ``linear_partials``, its split-K
+rows on weights from a Q4_1 or Q8_0 GGUF take the quantized kernel of
+``yaie.kernels.grid_linear``, 1-2 rows on other fp32 weights the numba GEMV of
+``yaie.kernels.linear``) with ``linear_partials``, its split-K
 form for CUDA projections of a few rows whose sum the residual add takes in
 (``fused_add_rms_norm`` accepts ``[S, T, H]`` partial sums). On fp32 CPU tensors the elementwise ops
 (RMSNorm alone and fused, rotary, ``rotary_write_kv``, SiLU-and-mul) run numba CPU kernels

@@ -2,10 +2,10 @@
 
 On CUDA, GEMMs stay on torch (cuBLAS). On CPU a decode step is a stream of weights: at batch 1
 every weight is read once to make one row of output, so the step takes as long as reading the
-model from memory. A weight whose values lie on a 4-bit grid (a model loaded from a Q4_1 GGUF,
-the default one among them) takes the 4-bit kernel of ``yaie.kernels.q4_linear`` up to
-``Q4_MAX_ROWS`` rows: it reads 0.75 bytes a weight instead of 4 and computes with the same
-values. Other fp32 weights take one of two paths, chosen by the number of rows:
+model from memory. A weight whose values lie on a quantization grid (a model loaded from a Q4_1
+or Q8_0 GGUF, the default one among them) takes the kernel of ``yaie.kernels.grid_linear`` up
+to ``GRID_MAX_ROWS`` rows: it reads 0.75 or 1.125 bytes a weight instead of 4 and computes with
+the same values. Other fp32 weights take one of two paths, chosen by the number of rows:
 
 - **A few rows (decode of 1-2 requests): ``gemv``**, a numba kernel that splits the output
   features across the CPU's threads and computes each as a plain dot product over one
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from yaie.kernels.cpu import run_parallel
-from yaie.kernels.q4_linear import Q4_MAX_ROWS, Q4Weight, find_q4_grid, q4_linear
+from yaie.kernels.grid_linear import GRID_MAX_ROWS, GridWeight, find_grid, grid_linear
 
 # oneDNN picks its blocking for this many rows; measured as good for 1-row decodes too.
 PACK_BATCH_HINT = 512
@@ -94,13 +94,14 @@ class CpuWeight:
 
     ``onednn`` is oneDNN's blocked copy (opaque, not a strided tensor); ``rows`` is a numpy
     view of the fp32 weight for ``gemv`` (``None`` for bf16), made once because converting a
-    tensor at every call would cost a tenth of a small projection; ``q4`` is the weight's
-    4-bit form where it has one (``yaie.kernels.q4_linear``: weights from a Q4_1 GGUF).
+    tensor at every call would cost a tenth of a small projection; ``grid`` is the weight's
+    quantized form where it has one (``yaie.kernels.grid_linear``: weights from a Q4_1 or Q8_0
+    GGUF).
     """
 
     onednn: torch.Tensor
     rows: np.ndarray | None
-    q4: Q4Weight | None = None
+    grid: GridWeight | None = None
 
 
 def gemv(x: torch.Tensor, rows: np.ndarray, bias: torch.Tensor | None) -> torch.Tensor:
@@ -133,7 +134,7 @@ def pack_weight(weight: torch.Tensor) -> CpuWeight | None:
     return CpuWeight(
         onednn=torch.ops.mkldnn._reorder_linear_weight(plain, PACK_BATCH_HINT),
         rows=plain.contiguous().numpy() if plain.dtype == torch.float32 else None,
-        q4=find_q4_grid(plain),
+        grid=find_grid(plain),
     )
 
 
@@ -151,14 +152,14 @@ def linear(
     packed: CpuWeight | None = None,
 ) -> torch.Tensor:
     """The model's entry point. ``packed`` marks a CPU weight prepared by ``pack_weight``: 2-D
-    float32 inputs of up to ``Q4_MAX_ROWS`` rows take the 4-bit kernel where the weight has a
-    4-bit form, of up to ``GEMV_MAX_ROWS`` rows ``gemv``; others the packed oneDNN GEMM; without
-    ``packed``, torch."""
+    float32 inputs of up to ``GRID_MAX_ROWS`` rows take the quantized kernel where the weight has
+    a quantized form, of up to ``GEMV_MAX_ROWS`` rows ``gemv``; others the packed oneDNN GEMM;
+    without ``packed``, torch."""
     if packed is None:
         return linear_reference(x, weight, bias)
     rows = x.shape[0] if x.dim() == 2 and x.dtype == torch.float32 and not x.requires_grad else None
-    if rows is not None and packed.q4 is not None and rows <= Q4_MAX_ROWS:
-        return q4_linear(x, packed.q4, bias)
+    if rows is not None and packed.grid is not None and rows <= GRID_MAX_ROWS:
+        return grid_linear(x, packed.grid, bias)
     if rows is not None and packed.rows is not None and rows <= GEMV_MAX_ROWS:
         return gemv(x, packed.rows, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed.onednn, bias, "none", [None], "")

@@ -75,16 +75,16 @@ def test_greedy_tokens_equal_transformers(llm, reference, config):
         assert engine.kv.radix.stats.hit_tokens > 0  # the two shared-prefix prompts
 
 
-def test_every_projection_keeps_its_4_bit_form(llm):
-    """The Q4_1 file's projections are found on their grid, so the parity test above ran its
-    decodes through the 4-bit kernel (``yaie.kernels.q4_linear``); the tied LM head (Q8_0 in
-    the file) keeps fp32."""
+def test_every_projection_keeps_its_quantized_form(llm):
+    """The Q4_1 file's projections, and its Q8_0 embedding (tied LM head), are found on their
+    grids, so the parity test above ran its decodes through the quantized kernel
+    (``yaie.kernels.grid_linear``)."""
     from yaie.model.layers import LinearBase
 
     projections = [m for m in llm.executor.model.modules() if isinstance(m, LinearBase)]
     assert len(projections) == 4 * llm.executor.model_config.num_layers
-    assert all(m.packed is not None and m.packed.q4 is not None for m in projections)
-    assert llm.executor.model.lm_head.packed.q4 is None
+    assert all(m.packed is not None and m.packed.grid.bits == 4 for m in projections)
+    assert llm.executor.model.lm_head.packed.grid.bits == 8
 
 
 def test_chat_answers_the_capital_of_france(llm):

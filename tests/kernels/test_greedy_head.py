@@ -89,3 +89,24 @@ def test_only_plain_greedy_rows_may_skip_the_logits() -> None:
     assert not argmax_suffices(rows(temperature=0.0, repetition_penalty=1.2))
     assert not argmax_suffices(rows(temperature=0.0, presence_penalty=0.5))
     assert not argmax_suffices(rows(temperature=0.0, frequency_penalty=0.5))
+
+
+def test_a_head_on_a_grid_leaves_few_rows_to_its_exact_logits(screen_anywhere) -> None:
+    """Below ``SCREEN_MIN_ROWS`` rows a Q8_0 head computes the exact logits (through
+    ``yaie.kernels.grid_linear``) instead of screening; from there on it screens."""
+    from yaie.kernels.grid_linear import q8_0_round_trip
+    from yaie.model.layers import SCREEN_MIN_ROWS, ParallelLMHead
+
+    torch.manual_seed(0)
+    head = ParallelLMHead(4096, 64)
+    head.weight.data = q8_0_round_trip(torch.randn(4096, 64) * 0.05)
+    head.pack()
+    assert head.packed.grid is not None and head.screen is not None
+    for rows in (SCREEN_MIN_ROWS - 1, SCREEN_MIN_ROWS):
+        x = torch.randn(rows, 64) * 3
+        expected = (x.double() @ head.weight.double().T).argmax(dim=-1)
+        got = head.greedy(x)
+        if rows < SCREEN_MIN_ROWS:
+            assert got is None
+            got = head(x).argmax(dim=-1)
+        assert torch.equal(got, expected)

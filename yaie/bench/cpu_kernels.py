@@ -6,8 +6,9 @@ MLP 1536, vocabulary 49,152), fp32, on as many threads as torch uses.
 - Projections: the 121 weight matrices of a step (each layer's fused QKV, output, fused
   gate/up and down projections, then the LM head), every one a distinct tensor, so together
   they are 540 MB in fp32 and each step reads them from memory, as a real step does. Their
-  values are those of a Q4_1 GGUF (``q4_1_round_trip``), as the default model's are, so every
-  path computes with the same weights: the 4-bit kernel (``q4_linear``, numba, reading 81 MB),
+  values are those of the default model's GGUF (``q4_1_round_trip`` for the layers,
+  ``q8_0_round_trip`` for the LM head), so every path computes with the same weights: the
+  quantized kernel (``grid_linear``, numba, reading 113 MB),
   ``gemv`` (numba), oneDNN on packed weights, and plain ``F.linear`` (MKL), for 1 to 64 rows.
   The machine's read bandwidth, measured in the same run (``sum`` over the fp32 bytes), is the
   fp32 paths' ceiling: at one row a projection reads each weight once and does one
@@ -40,7 +41,7 @@ from yaie.kernels.activation import silu_and_mul_reference
 from yaie.kernels.attention import paged_attention_kernels, paged_attention_reference
 from yaie.kernels.elementwise_cpu import rms_norm_cpu, rotary_write_kv_cpu, silu_and_mul_cpu
 from yaie.kernels.linear import CpuWeight, gemv, pack_weight
-from yaie.kernels.q4_linear import q4_1_round_trip, q4_linear
+from yaie.kernels.grid_linear import grid_linear, q4_1_round_trip, q8_0_round_trip
 from yaie.kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
 from yaie.kernels.rotary import build_cos_sin_cache
 from yaie.kernels.rotary_kv import rotary_write_kv_reference
@@ -73,8 +74,8 @@ def _step_weights() -> list[torch.Tensor]:
         (2 * MLP, HIDDEN),
         (HIDDEN, MLP),
     ]
-    shapes = [shape for _ in range(LAYERS) for shape in per_layer] + [(VOCAB, HIDDEN)]
-    return [q4_1_round_trip(torch.randn(shape) * 0.02) for shape in shapes]
+    layers = [q4_1_round_trip(torch.randn(shape) * 0.02) for _ in range(LAYERS) for shape in per_layer]
+    return layers + [q8_0_round_trip(torch.randn(VOCAB, HIDDEN) * 0.02)]
 
 
 def _onednn(x: torch.Tensor, packed: CpuWeight, bias: None) -> torch.Tensor:
@@ -87,23 +88,23 @@ def _project(linear: Callable, inputs: list[torch.Tensor], weights: list) -> Non
 
 
 def projections(rounds: int) -> list[tuple[str, ...]]:
-    """Rows of (rows, 4-bit ms, gemv ms, oneDNN ms, F.linear ms, 4-bit and gemv GB/s)."""
+    """Rows of (rows, grid ms, gemv ms, oneDNN ms, F.linear ms, grid and gemv GB/s)."""
     weights = _step_weights()
     packed = [pack_weight(w) for w in weights]
     total_bytes = sum(w.numel() * w.element_size() for w in weights)
-    q4_bytes = sum(a.nbytes for p in packed for a in (p.q4.codes, p.q4.scales, p.q4.mins))
+    grid_bytes = sum(p.grid.nbytes for p in packed)
     flat = torch.cat([w.flatten() for w in weights])
     read_ms = _median_ms({"sum": flat.sum}, rounds)["sum"]
     read_gbps = total_bytes / read_ms / 1e6
     del flat
     table = [("read bandwidth (sum)", "", "", "", "", f"{read_gbps:.1f} GB/s"),
-             ("bytes read", f"{q4_bytes / 1e6:.0f} MB", f"{total_bytes / 1e6:.0f} MB", "", "", "")]
+             ("bytes read", f"{grid_bytes / 1e6:.0f} MB", f"{total_bytes / 1e6:.0f} MB", "", "", "")]
     for rows in (1, 2, 4, 8, 16, 32, 64):
         x = torch.randn(rows, HIDDEN)
         h = torch.randn(rows, MLP)
         inputs = [h if w.shape[1] == MLP else x for w in weights]
         runs = {
-            "q4": partial(_project, q4_linear, inputs, [p.q4 for p in packed]),
+            "grid": partial(_project, grid_linear, inputs, [p.grid for p in packed]),
             "gemv": partial(_project, gemv, inputs, [p.rows for p in packed]),
             "onednn": partial(_project, _onednn, inputs, packed),
             "torch": partial(_project, F.linear, inputs, weights),
@@ -112,11 +113,11 @@ def projections(rounds: int) -> list[tuple[str, ...]]:
         table.append(
             (
                 f"{rows} row(s)",
-                f"{ms['q4']:.1f}",
+                f"{ms['grid']:.1f}",
                 f"{ms['gemv']:.1f}",
                 f"{ms['onednn']:.1f}",
                 f"{ms['torch']:.1f}",
-                f"{q4_bytes / ms['q4'] / 1e6:.1f} / {total_bytes / ms['gemv'] / 1e6:.1f} GB/s",
+                f"{grid_bytes / ms['grid'] / 1e6:.1f} / {total_bytes / ms['gemv'] / 1e6:.1f} GB/s",
             )
         )
     return table
@@ -256,9 +257,9 @@ def run(rounds: int = 7) -> None:
         f"threads, median of {rounds} interleaved rounds"
     )
     _print(
-        "projections of one decode step (121 matrices on a Q4_1 grid), ms",
-        ("rows", "4-bit (numba)", "gemv (numba)", "oneDNN packed", "F.linear (MKL)",
-         "read rate 4-bit / gemv"),
+        "projections of one decode step (120 on a Q4_1 grid, the LM head on Q8_0), ms",
+        ("rows", "grid (numba)", "gemv (numba)", "oneDNN packed", "F.linear (MKL)",
+         "read rate grid / gemv"),
         projections(rounds),
     )
     _print(
