@@ -67,8 +67,9 @@ at 64 rows, and prefills are compute-bound, where reading fewer bytes gains noth
 ACCUMULATORS = 8
 """Independent accumulator registers a micro-kernel keeps at least (``_tile``)."""
 
-_PROBE_ROWS = LANES
-"""Rows checked first, so that a weight off the grid is turned down after a glance."""
+_CHECK_ROWS = 256
+"""Rows of a weight checked at a time: their temporaries stay in the caches, and a weight off
+the grid is turned down after its first rows."""
 
 _Q4_LEVELS = 15  # the largest 4-bit code
 _Q8_LEVELS = 127  # the largest 8-bit code in magnitude
@@ -102,6 +103,11 @@ class GridWeight:
         return self.codes.nbytes + self.scales.nbytes + self.mins.nbytes
 
 
+def _half(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to float16, as fp32."""
+    return values.astype(np.float16).astype(np.float32)
+
+
 def _checked(blocks: np.ndarray, codes: np.ndarray, scale: np.ndarray,
              low: np.ndarray | None) -> bool:
     """Whether ``scale * codes (+ low)`` gives back every value of ``blocks`` exactly."""
@@ -116,22 +122,33 @@ def _q4_1_grid(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] 
     rounded to float16, as the quantizer stores it; the codes are the nearest levels.
     """
     low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
-    with np.errstate(all="ignore"):
-        scale = ((high - low) / np.float32(_Q4_LEVELS)).astype(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):  # non-finite weights fail the check
+        scale = _half((high - low) / np.float32(_Q4_LEVELS))
         codes = np.rint((blocks - low) / np.where(scale > 0, scale, np.float32(1)))
-    codes = np.clip(np.nan_to_num(codes), 0, _Q4_LEVELS).astype(np.uint8)
+        codes = np.clip(codes, 0, _Q4_LEVELS).astype(np.uint8)
     return (codes, scale, low) if _checked(blocks, codes, scale, low) else None
 
 
 def _q8_0_grid(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """``(q, d)`` with ``blocks == d * q``, for fp32 ``blocks [..., 32]``, or ``None``: ``d`` is
     the block's largest magnitude over 127 rounded to float16, as the quantizer stores it."""
-    with np.errstate(all="ignore"):
-        scale = (np.abs(blocks).max(-1, keepdims=True) / np.float32(_Q8_LEVELS))
-        scale = scale.astype(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):  # non-finite weights fail the check
+        scale = _half(np.abs(blocks).max(-1, keepdims=True) / np.float32(_Q8_LEVELS))
         codes = np.rint(blocks / np.where(scale > 0, scale, np.float32(1)))
-    codes = np.clip(np.nan_to_num(codes), -_Q8_LEVELS - 1, _Q8_LEVELS).astype(np.int8)
+        codes = np.clip(codes, -_Q8_LEVELS - 1, _Q8_LEVELS).astype(np.int8)
     return (codes, scale) if _checked(blocks, codes, scale, None) else None
+
+
+def _whole_grid(blocks: np.ndarray, grid):
+    """``grid`` (``_q4_1_grid`` or ``_q8_0_grid``) over every row of ``blocks [out, n, 32]``,
+    ``_CHECK_ROWS`` rows at a time, the parts joined; ``None`` at the first part off the grid."""
+    parts = []
+    for start in range(0, blocks.shape[0], _CHECK_ROWS):
+        found = grid(blocks[start : start + _CHECK_ROWS])
+        if found is None:
+            return None
+        parts.append(found)
+    return tuple(np.concatenate(part) for part in zip(*parts))
 
 
 def _by_lane(values: np.ndarray) -> np.ndarray:
@@ -151,8 +168,7 @@ def find_grid(weight: torch.Tensor) -> GridWeight | None:
     if out_features % LANES or in_features % BLOCK or out_features == 0:
         return None
     blocks = weight.detach().numpy().reshape(out_features, in_features // BLOCK, BLOCK)
-    probe = blocks[:_PROBE_ROWS]
-    if _q4_1_grid(probe) is not None and (found := _q4_1_grid(blocks)) is not None:
+    if (found := _whole_grid(blocks, _q4_1_grid)) is not None:
         codes, scales, mins = found
         codes = _by_lane(codes.reshape(out_features, in_features))
         return GridWeight(
@@ -160,7 +176,7 @@ def find_grid(weight: torch.Tensor) -> GridWeight | None:
             scales=np.ascontiguousarray(_by_lane(scales)),
             mins=np.ascontiguousarray(_by_lane(mins)),
         )
-    if _q8_0_grid(probe) is not None and (found := _q8_0_grid(blocks)) is not None:
+    if (found := _whole_grid(blocks, _q8_0_grid)) is not None:
         codes, scales = found
         return GridWeight(
             codes=np.ascontiguousarray(_by_lane(codes.reshape(out_features, in_features))),
@@ -200,11 +216,6 @@ def _blocks_of(weight: torch.Tensor) -> np.ndarray:
 def _inverse(spread: np.ndarray) -> np.ndarray:
     """``1 / spread``, 0 where the spread is 0 (as the quantizers write it)."""
     return np.where(spread > 0, 1 / np.where(spread > 0, spread, 1), 0).astype(np.float32)
-
-
-def _half(values: np.ndarray) -> np.ndarray:
-    """``values`` rounded to float16, as fp32."""
-    return values.astype(np.float16).astype(np.float32)
 
 
 def q4_1_round_trip(weight: torch.Tensor) -> torch.Tensor:

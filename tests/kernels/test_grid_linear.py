@@ -55,8 +55,8 @@ def test_constant_and_zero_blocks_are_on_the_grid(kind) -> None:
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_weights_off_the_grid_are_refused(kind) -> None:
     assert find_grid(torch.randn(64, 64)) is None
-    for row in (0, 40):  # inside the rows probed first, and past them (the full check)
-        weight = grid_weight(64, 64, kind=kind)
+    for row in (0, 300):  # in the first rows checked, and in a later part
+        weight = grid_weight(320, 64, kind=kind)
         weight[row, 5] = torch.nextafter(weight[row, 5], torch.tensor(1.0))
         assert find_grid(weight) is None, row
 

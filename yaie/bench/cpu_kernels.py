@@ -8,7 +8,7 @@ MLP 1536, vocabulary 49,152), fp32, on as many threads as torch uses.
   they are 540 MB in fp32 and each step reads them from memory, as a real step does. Their
   values are those of the default model's GGUF (``q4_1_round_trip`` for the layers,
   ``q8_0_round_trip`` for the LM head), so every path computes with the same weights: the
-  quantized kernel (``grid_linear``, numba, reading 113 MB),
+  quantized kernel (``grid_linear``, numba, reading 111 MB),
   ``gemv`` (numba), oneDNN on packed weights, and plain ``F.linear`` (MKL), for 1 to 64 rows.
   The machine's read bandwidth, measured in the same run (``sum`` over the fp32 bytes), is the
   fp32 paths' ceiling: at one row a projection reads each weight once and does one
