@@ -225,8 +225,9 @@ def q4_1_round_trip(weight: torch.Tensor) -> torch.Tensor:
     blocks = _blocks_of(weight)
     low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
     spread = (high - low) / np.float32(_Q4_LEVELS)
-    codes = np.minimum(_Q4_LEVELS, ((blocks - low) * _inverse(spread) + np.float32(0.5)).astype(np.int8))
-    return torch.from_numpy((_half(spread) * codes.astype(np.float32) + _half(low)).reshape(weight.shape))
+    codes = ((blocks - low) * _inverse(spread) + np.float32(0.5)).astype(np.int8)
+    values = _half(spread) * np.minimum(_Q4_LEVELS, codes).astype(np.float32) + _half(low)
+    return torch.from_numpy(values.reshape(weight.shape))
 
 
 def q8_0_round_trip(weight: torch.Tensor) -> torch.Tensor:

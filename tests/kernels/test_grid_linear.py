@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from kernel_helpers import check
+
 from yaie.kernels.cpu import run_parallel
 from yaie.kernels.grid_linear import (
     GRID_MAX_ROWS,
@@ -26,7 +26,8 @@ ROUND_TRIPS = {"q4_1": q4_1_round_trip, "q8_0": q8_0_round_trip}
 BITS = {"q4_1": 4, "q8_0": 8}
 
 
-def grid_weight(out_features: int, in_features: int, kind: str = "q4_1", seed: int = 0) -> torch.Tensor:
+def grid_weight(out_features: int, in_features: int, kind: str = "q4_1",
+                seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     return ROUND_TRIPS[kind](torch.randn(out_features, in_features) * 0.05)
 

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from yaie.kernels.activation import silu_and_mul_reference
 from yaie.kernels.attention import paged_attention_kernels, paged_attention_reference
 from yaie.kernels.elementwise_cpu import rms_norm_cpu, rotary_write_kv_cpu, silu_and_mul_cpu
-from yaie.kernels.linear import CpuWeight, gemv, pack_weight
 from yaie.kernels.grid_linear import grid_linear, q4_1_round_trip, q8_0_round_trip
+from yaie.kernels.linear import CpuWeight, gemv, pack_weight
 from yaie.kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
 from yaie.kernels.rotary import build_cos_sin_cache
 from yaie.kernels.rotary_kv import rotary_write_kv_reference
@@ -74,7 +74,8 @@ def _step_weights() -> list[torch.Tensor]:
         (2 * MLP, HIDDEN),
         (HIDDEN, MLP),
     ]
-    layers = [q4_1_round_trip(torch.randn(shape) * 0.02) for _ in range(LAYERS) for shape in per_layer]
+    layers = [q4_1_round_trip(torch.randn(shape) * 0.02)
+              for _ in range(LAYERS) for shape in per_layer]
     return layers + [q8_0_round_trip(torch.randn(VOCAB, HIDDEN) * 0.02)]
 
 
@@ -98,7 +99,8 @@ def projections(rounds: int) -> list[tuple[str, ...]]:
     read_gbps = total_bytes / read_ms / 1e6
     del flat
     table = [("read bandwidth (sum)", "", "", "", "", f"{read_gbps:.1f} GB/s"),
-             ("bytes read", f"{grid_bytes / 1e6:.0f} MB", f"{total_bytes / 1e6:.0f} MB", "", "", "")]
+             ("bytes read", f"{grid_bytes / 1e6:.0f} MB", f"{total_bytes / 1e6:.0f} MB", "", "",
+              "")]
     for rows in (1, 2, 4, 8, 16, 32, 64):
         x = torch.randn(rows, HIDDEN)
         h = torch.randn(rows, MLP)

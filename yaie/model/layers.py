@@ -233,7 +233,8 @@ class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
         screen: up to ``SCREEN_MIN_ROWS - 1`` rows it leaves them to the logits."""
         if self.screen is None or hidden.dtype != torch.float32 or not hidden.is_cpu:
             return None
-        if self.packed is not None and self.packed.grid is not None and hidden.shape[0] < SCREEN_MIN_ROWS:
+        on_grid = self.packed is not None and self.packed.grid is not None
+        if on_grid and hidden.shape[0] < SCREEN_MIN_ROWS:
             return None
         return greedy_argmax(hidden, self.screen)
 
