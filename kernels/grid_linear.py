@@ -30,9 +30,9 @@ nibbles, ``2j + 1`` in the high ones) or one (Q8_0); the scale (and minimum) are
 vectors too, the weights rebuilt, and each row adds ``x[r, k] * w`` into its accumulator with a
 broadcast ``x``. numba's vectorizers do not find this (they vectorize over ``k`` and pay a
 horizontal sum per accumulator, 15x slower here), so the tile is written as LLVM vector IR
-(``_tile``); the loop over tiles is ordinary numba. The layout is chosen for it (``GridWeight``):
-``codes[t, j]`` is 16 bytes, lane ``l`` for output ``16 t + l``; ``scales[t, b]`` and
-``mins[t, b]`` are 16 fp32 each for block ``b``.
+(``_output_tile``); the loop over tiles is ordinary numba. The layout is chosen for it
+(``GridWeight``): ``codes[t, j]`` is 16 bytes, lane ``l`` for output ``16 t + l``;
+``scales[t, b]`` and ``mins[t, b]`` are 16 fp32 each for block ``b``.
 
 Measured on the default model's shapes (SmolLM2-135M: its 120 layer projections are Q4_1, its
 tied embedding and LM head Q8_0; 2-core AMD EPYC, 2 threads; ``yaie bench cpu-kernels``): see
@@ -65,7 +65,7 @@ GRID_MAX_ROWS = 64
 at 64 rows, and prefills are compute-bound, where reading fewer bytes gains nothing)."""
 
 ACCUMULATORS = 8
-"""Independent accumulator registers a micro-kernel keeps at least (``_tile``)."""
+"""Independent accumulator registers a micro-kernel keeps at least (``_output_tile``)."""
 
 _CHECK_ROWS = 256
 """Rows of a weight checked at a time: their temporaries stay in the caches, and a weight off
@@ -247,67 +247,71 @@ _INT_VEC = ir.VectorType(_I32, LANES)
 _BYTE_VEC = ir.VectorType(ir.IntType(8), LANES)
 
 
-def _tile(rows: int):
-    """The micro-kernel for ``rows`` rows, as a numba intrinsic emitting LLVM vector IR:
-    ``out[r0:r0+rows, 16t:16t+16] = x[r0:r0+rows] W[16t:16t+16]^T`` (module docstring).
+TILE_ROWS = (16, 8, 4, 2, 1)
+"""Row counts of the micro-kernel: 16 rows at a time, the rest by 8, 4, 2 and 1."""
+
+
+@intrinsic
+def _output_tile(typingctx, x, codes, scales, mins, out, t):
+    """``out[:, 16t:16t+16] = x W[16t:16t+16]^T`` for every row of ``x``, as LLVM vector IR
+    (module docstring): the micro-kernel for 16 rows in a loop, then for 8, 4, 2 and 1 where
+    the rows left call for it.
 
     A fused multiply-add waits about four cycles for the sum it adds to, so a tile of few rows
     would stall on its one accumulator per row: each row keeps ``ACCUMULATORS // rows`` of them
     instead, taking turns over the products (the loop body handles several loads of codes), and
     sums them at the end.
     """
-    chains = max(1, ACCUMULATORS // rows)
+    q4_1 = codes.dtype == types.uint8
+    per_load = 2 if q4_1 else 1  # input features a 16-byte load of codes covers
 
-    @intrinsic
-    def tile(typingctx, x, codes, scales, mins, out, t, r0):
-        q4_1 = codes.dtype == types.uint8
-        per_load = 2 if q4_1 else 1  # input features a 16-byte load of codes covers
-        unroll = max(1, chains // per_load)
+    def codegen(context, builder, signature, args):
+        x_ary, codes_ary, scales_ary, mins_ary, out_ary = (
+            context.make_array(ty)(context, builder, value)
+            for ty, value in zip(signature.args[:5], args[:5]))
+        x_ty, codes_ty, scales_ty, mins_ty, out_ty = signature.args[:5]
+        index = context.get_value_type(types.intp)
+        tile_index = builder.sext(args[5], index) if args[5].type != index else args[5]
+        fmuladd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fmuladd.v16f32")
 
-        def codegen(context, builder, signature, args):
-            x_ary, codes_ary, scales_ary, mins_ary, out_ary = (
-                context.make_array(ty)(context, builder, value)
-                for ty, value in zip(signature.args[:5], args[:5]))
-            x_ty, codes_ty, scales_ty, mins_ty, out_ty = signature.args[:5]
-            index = context.get_value_type(types.intp)
-            tile_index, first_row = (builder.sext(a, index) if a.type != index else a
-                                     for a in args[5:])
-            fmuladd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fmuladd.v16f32")
+        def const(value):
+            return ir.Constant(index, value)
 
-            def const(value):
-                return ir.Constant(index, value)
+        def vector_at(ary, ty, vector, *at):
+            """A pointer to the 16 values starting at ``ary[at]``."""
+            p = cgutils.get_item_pointer(context, builder, ty, ary, list(at))
+            return builder.bitcast(p, vector.as_pointer())
 
-            def vector_at(ary, ty, vector, *at):
-                """A pointer to the 16 values starting at ``ary[at]``."""
-                p = cgutils.get_item_pointer(context, builder, ty, ary, list(at))
-                return builder.bitcast(p, vector.as_pointer())
+        def weights(load):
+            """The fp32 weights of the ``per_load`` features of 16 bytes of codes, for the
+            tile's 16 outputs: ``d * q + m`` (Q4_1) or ``d * q`` (Q8_0)."""
+            block = builder.udiv(load, const(BLOCK // per_load))
+            packed = builder.load(vector_at(codes_ary, codes_ty, _BYTE_VEC, tile_index, load,
+                                            const(0)), align=1)
+            scale = builder.load(vector_at(scales_ary, scales_ty, _VEC, tile_index, block,
+                                           const(0)), align=4)
+            if not q4_1:
+                return [builder.fmul(scale, builder.sitofp(packed, _VEC))]
+            packed = builder.zext(packed, _INT_VEC)
+            low = builder.load(vector_at(mins_ary, mins_ty, _VEC, tile_index, block, const(0)),
+                               align=4)
+            return [builder.call(fmuladd, [scale, builder.uitofp(code, _VEC), low])
+                    for code in (builder.and_(packed, ir.Constant(_INT_VEC, [15] * LANES)),
+                                 builder.lshr(packed, ir.Constant(_INT_VEC, [4] * LANES)))]
 
-            def weights(load):
-                """The fp32 weights of the ``per_load`` features of 16 bytes of codes, for the
-                tile's 16 outputs: ``d * q + m`` (Q4_1) or ``d * q`` (Q8_0)."""
-                block = builder.udiv(load, const(BLOCK // per_load))
-                packed = builder.load(vector_at(codes_ary, codes_ty, _BYTE_VEC, tile_index, load,
-                                                const(0)), align=1)
-                scale = builder.load(vector_at(scales_ary, scales_ty, _VEC, tile_index, block,
-                                               const(0)), align=4)
-                if not q4_1:
-                    return [builder.fmul(scale, builder.sitofp(packed, _VEC))]
-                packed = builder.zext(packed, _INT_VEC)
-                low = builder.load(vector_at(mins_ary, mins_ty, _VEC, tile_index, block, const(0)),
-                                   align=4)
-                return [builder.call(fmuladd, [scale, builder.uitofp(code, _VEC), low])
-                        for code in (builder.and_(packed, ir.Constant(_INT_VEC, [15] * LANES)),
-                                     builder.lshr(packed, ir.Constant(_INT_VEC, [4] * LANES)))]
+        def broadcast(row, feature):
+            value = builder.load(cgutils.get_item_pointer(context, builder, x_ty, x_ary,
+                                                          [row, feature]))
+            one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value,
+                                         ir.Constant(_I32, 0))
+            return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined),
+                                          ir.Constant(_INT_VEC, [0] * LANES))
 
-            def broadcast(row, feature):
-                value = builder.load(cgutils.get_item_pointer(context, builder, x_ty, x_ary,
-                                                              [row, feature]))
-                one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value,
-                                             ir.Constant(_I32, 0))
-                return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined),
-                                              ir.Constant(_INT_VEC, [0] * LANES))
-
+        def rows_from(first_row, rows):
+            """The micro-kernel for rows ``first_row .. first_row + rows - 1``."""
+            chains = max(1, ACCUMULATORS // rows)
+            unroll = max(1, chains // per_load)
             zero = ir.Constant(_VEC, [0.0] * LANES)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(chains)]
                     for _ in range(rows)]
@@ -328,37 +332,28 @@ def _tile(rows: int):
                 for acc in accs[r][1:]:
                     total = builder.fadd(total, builder.load(acc))
                 builder.store(total, vector_at(out_ary, out_ty, _VEC, row_of[r], column), align=4)
-            return context.get_dummy_value()
 
-        return types.void(x, codes, scales, mins, out, t, r0), codegen
+        num_rows = builder.extract_value(x_ary.shape, 0)
+        widest, *rest = TILE_ROWS
+        whole = builder.udiv(num_rows, const(widest))
+        with cgutils.for_range(builder, whole) as loop:
+            rows_from(builder.mul(loop.index, const(widest)), widest)
+        done = builder.mul(whole, const(widest))
+        for rows in rest:
+            fits = builder.icmp_unsigned(">=", builder.sub(num_rows, done), const(rows))
+            with builder.if_then(fits):
+                rows_from(done, rows)
+            done = builder.select(fits, builder.add(done, const(rows)), done)
+        return context.get_dummy_value()
 
-    return tile
-
-
-_tile16, _tile8, _tile4, _tile2, _tile1 = (_tile(rows) for rows in (16, 8, 4, 2, 1))
+    return types.void(x, codes, scales, mins, out, t), codegen
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _grid_kernel(x, codes, scales, mins, out):
-    """``out = x W^T``: each task one tile of 16 output features for all rows, 16 rows at a
-    time, the rest in tiles of 8, 4, 2 and 1."""
-    num_rows = x.shape[0]
+    """``out = x W^T``: each task one tile of 16 output features, for every row."""
     for t in numba.prange(codes.shape[0]):
-        r = 0
-        while num_rows - r >= 16:
-            _tile16(x, codes, scales, mins, out, t, r)
-            r += 16
-        if num_rows - r >= 8:
-            _tile8(x, codes, scales, mins, out, t, r)
-            r += 8
-        if num_rows - r >= 4:
-            _tile4(x, codes, scales, mins, out, t, r)
-            r += 4
-        if num_rows - r >= 2:
-            _tile2(x, codes, scales, mins, out, t, r)
-            r += 2
-        if num_rows - r >= 1:
-            _tile1(x, codes, scales, mins, out, t, r)
+        _output_tile(x, codes, scales, mins, out, t)
 
 
 def grid_linear(x: torch.Tensor, weight: GridWeight, bias: torch.Tensor | None) -> torch.Tensor:
