@@ -209,37 +209,6 @@ def grid_linear_reference(x: torch.Tensor, weight: GridWeight,
     return F.linear(x, grid_dequantize(weight), bias)
 
 
-def _blocks_of(weight: torch.Tensor) -> np.ndarray:
-    return weight.detach().float().numpy().reshape(weight.shape[0], -1, BLOCK)
-
-
-def _inverse(spread: np.ndarray) -> np.ndarray:
-    """``1 / spread``, 0 where the spread is 0 (as the quantizers write it)."""
-    return np.where(spread > 0, 1 / np.where(spread > 0, spread, 1), 0).astype(np.float32)
-
-
-def q4_1_round_trip(weight: torch.Tensor) -> torch.Tensor:
-    """The fp32 values a Q4_1 GGUF of ``weight [out, in]`` loads as: llama.cpp's quantizer
-    (float16 scale and minimum per 32 input features, codes rounded from the float32 minimum),
-    then the readers' ``d * q + m``. For tests and benchmarks without a GGUF at hand."""
-    blocks = _blocks_of(weight)
-    low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
-    spread = (high - low) / np.float32(_Q4_LEVELS)
-    codes = ((blocks - low) * _inverse(spread) + np.float32(0.5)).astype(np.int8)
-    values = _half(spread) * np.minimum(_Q4_LEVELS, codes).astype(np.float32) + _half(low)
-    return torch.from_numpy(values.reshape(weight.shape))
-
-
-def q8_0_round_trip(weight: torch.Tensor) -> torch.Tensor:
-    """The same for Q8_0: scale = largest magnitude / 127 (float16), codes rounded half away
-    from zero, ``d * q``."""
-    blocks = _blocks_of(weight)
-    spread = np.abs(blocks).max(-1, keepdims=True) / np.float32(_Q8_LEVELS)
-    scaled = blocks * _inverse(spread)
-    codes = np.trunc(scaled + np.copysign(np.float32(0.5), scaled))
-    return torch.from_numpy((_half(spread) * codes).reshape(weight.shape))
-
-
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
 _VEC = ir.VectorType(_F32, LANES)

@@ -48,6 +48,17 @@ def run_in_simulator(test_file: str) -> None:
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
+def gguf_round_trip(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The fp32 values a GGUF of ``weight`` in ``kind`` (``"Q4_1"``, ``"Q8_0"``) loads as:
+    gguf-py's quantizer, then its dequantizer, which the loader and transformers both use."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    qtype = GGMLQuantizationType[kind]
+    values = dequantize(quantize(weight.numpy(), qtype), qtype)
+    return torch.from_numpy(values.reshape(weight.shape).astype("float32"))
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64; fails if any element of ``out`` is NaN (unwritten)."""
     assert not out.isnan().any(), "an output element was left unwritten (still NaN)"

@@ -94,12 +94,13 @@ def test_only_plain_greedy_rows_may_skip_the_logits() -> None:
 def test_a_head_on_a_grid_leaves_few_rows_to_its_exact_logits(screen_anywhere) -> None:
     """Below ``SCREEN_MIN_ROWS`` rows a Q8_0 head computes the exact logits (through
     ``yaie.kernels.grid_linear``) instead of screening; from there on it screens."""
-    from yaie.kernels.grid_linear import q8_0_round_trip
+    from kernel_helpers import gguf_round_trip
+
     from yaie.model.layers import SCREEN_MIN_ROWS, ParallelLMHead
 
     torch.manual_seed(0)
     head = ParallelLMHead(4096, 64)
-    head.weight.data = q8_0_round_trip(torch.randn(4096, 64) * 0.05)
+    head.weight.data = gguf_round_trip(torch.randn(4096, 64) * 0.05, "Q8_0")
     head.pack()
     assert head.packed.grid is not None and head.screen is not None
     for rows in (SCREEN_MIN_ROWS - 1, SCREEN_MIN_ROWS):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from kernel_helpers import check
+from kernel_helpers import check, gguf_round_trip
 
 from yaie.kernels.cpu import run_parallel
 from yaie.kernels.grid_linear import (
@@ -17,22 +17,19 @@ from yaie.kernels.grid_linear import (
     grid_dequantize,
     grid_linear,
     grid_linear_reference,
-    q4_1_round_trip,
-    q8_0_round_trip,
 )
 from yaie.kernels.linear import linear, pack_weight
 
-ROUND_TRIPS = {"q4_1": q4_1_round_trip, "q8_0": q8_0_round_trip}
-BITS = {"q4_1": 4, "q8_0": 8}
+BITS = {"Q4_1": 4, "Q8_0": 8}
 
 
-def grid_weight(out_features: int, in_features: int, kind: str = "q4_1",
+def grid_weight(out_features: int, in_features: int, kind: str = "Q4_1",
                 seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
-    return ROUND_TRIPS[kind](torch.randn(out_features, in_features) * 0.05)
+    return gguf_round_trip(torch.randn(out_features, in_features) * 0.05, kind)
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("shape", [(16, 32), (48, 96), (160, 576)])
 def test_grid_found_and_given_back_exactly(kind, shape) -> None:
     weight = grid_weight(*shape, kind=kind)
@@ -41,19 +38,19 @@ def test_grid_found_and_given_back_exactly(kind, shape) -> None:
     assert torch.equal(grid_dequantize(grid), weight)
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_constant_and_zero_blocks_are_on_the_grid(kind) -> None:
     """A block of one value (Q4_1: scale 0, every code 0) or of zeros (Q8_0)."""
     weight = grid_weight(32, 64, kind=kind)
     weight[3] = 0.0
-    if kind == "q4_1":
+    if kind == "Q4_1":
         weight[7, :32] = -1.5
     grid = find_grid(weight)
     assert grid is not None and grid.bits == BITS[kind]
     assert torch.equal(grid_dequantize(grid), weight)
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_weights_off_the_grid_are_refused(kind) -> None:
     assert find_grid(torch.randn(64, 64)) is None
     for row in (0, 300):  # in the first rows checked, and in a later part
@@ -77,7 +74,7 @@ def test_a_strided_view_is_read_as_its_values() -> None:
     assert grid is not None and torch.equal(grid_dequantize(grid), weight)
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 15, 16, 17, 40])
 @pytest.mark.parametrize("shape", [(48, 64), (192, 576)])
 def test_kernel_writes_every_output_and_matches_the_product(kind, rows, shape) -> None:
@@ -91,7 +88,7 @@ def test_kernel_writes_every_output_and_matches_the_product(kind, rows, shape) -
     check(grid_linear_reference(x, grid, None), expected, torch.float32)
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_bias_and_non_contiguous_rows(kind) -> None:
     weight, bias = grid_weight(64, 128, kind=kind), torch.randn(64)
     grid = find_grid(weight)

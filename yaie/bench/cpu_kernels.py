@@ -6,8 +6,8 @@ MLP 1536, vocabulary 49,152), fp32, on as many threads as torch uses.
 - Projections: the 121 weight matrices of a step (each layer's fused QKV, output, fused
   gate/up and down projections, then the LM head), every one a distinct tensor, so together
   they are 540 MB in fp32 and each step reads them from memory, as a real step does. Their
-  values are those of the default model's GGUF (``q4_1_round_trip`` for the layers,
-  ``q8_0_round_trip`` for the LM head), so every path computes with the same weights: the
+  values are those of the default model's GGUF (Q4_1 for the layers, Q8_0 for the LM head,
+  through gguf-py's quantizer and reader), so every path computes with the same weights: the
   quantized kernel (``grid_linear``, numba, reading 111 MB),
   ``gemv`` (numba), oneDNN on packed weights, and plain ``F.linear`` (MKL), for 1 to 64 rows.
   The machine's read bandwidth, measured in the same run (``sum`` over the fp32 bytes), is the
@@ -36,11 +36,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
 
 from yaie.kernels.activation import silu_and_mul_reference
 from yaie.kernels.attention import paged_attention_kernels, paged_attention_reference
 from yaie.kernels.elementwise_cpu import rms_norm_cpu, rotary_write_kv_cpu, silu_and_mul_cpu
-from yaie.kernels.grid_linear import grid_linear, q4_1_round_trip, q8_0_round_trip
+from yaie.kernels.grid_linear import grid_linear
 from yaie.kernels.linear import CpuWeight, gemv, pack_weight
 from yaie.kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
 from yaie.kernels.rotary import build_cos_sin_cache
@@ -74,9 +76,15 @@ def _step_weights() -> list[torch.Tensor]:
         (2 * MLP, HIDDEN),
         (HIDDEN, MLP),
     ]
-    layers = [q4_1_round_trip(torch.randn(shape) * 0.02)
+    layers = [_as_loaded(torch.randn(shape) * 0.02, GGMLQuantizationType.Q4_1)
               for _ in range(LAYERS) for shape in per_layer]
-    return layers + [q8_0_round_trip(torch.randn(VOCAB, HIDDEN) * 0.02)]
+    return layers + [_as_loaded(torch.randn(VOCAB, HIDDEN) * 0.02, GGMLQuantizationType.Q8_0)]
+
+
+def _as_loaded(weight: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """``weight``'s values once written to a GGUF as ``qtype`` and loaded back."""
+    values = dequantize(quantize(weight.numpy(), qtype), qtype)
+    return torch.from_numpy(values.reshape(weight.shape))
 
 
 def _onednn(x: torch.Tensor, packed: CpuWeight, bias: None) -> torch.Tensor:
