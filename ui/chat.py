@@ -372,7 +372,9 @@ class ChatApp(App[str | None]):
 
     def _show_status(self, turn: TurnStats | None) -> None:
         line = status_line(turn, self.kv, self.backend.max_model_len)
-        self.query_one("#status", Static).update(Text(line))
+        # A poll that outlives the app (it waited for a step while the app closed) finds no bar.
+        for status in self.query("#status").results(Static):
+            status.update(Text(line))
 
     # ------------------------------------------------------------ input
 
